@@ -1,0 +1,100 @@
+"""The finetuner loss in plain autograd: the ground truth the fast backends are tested against.
+
+Spec (shared with :mod:`emcore.finetune.losses`, which validates the inputs and dispatches here):
+``src``, ``tgt`` ``(N, C, H, W)`` float images or encodings (a pixel has no data when all its
+channels are 0), ``field`` ``(N, 2, H, W)`` px at the images' mip (:mod:`emcore.field`
+convention: ``warped = warp(src, field)``, bilinear, zeros outside). Per batch item:
+
+* ``valid(p)`` = tgt has data at p, the bilinearly warped source has-data mask is ``>= 0.999``,
+  no target defect at p and the bilinearly warped source defect mask is ``== 0``
+  (a constant: no gradient flows through it).
+* ``mse = sum_p valid(p) sum_c (warped(p, c) - tgt(p, c))^2 / max(C * sum_p valid(p), 1)``.
+* ``w(p)`` = 0 at a defect (target defect or warped source defect > 0), 0.001 where tgt has no
+  data, else 1 (a constant).
+* ``rigidity = sum_p sum_{d in 8 neighbours} w(p) w(p+d) (|d + field(p+d) - field(p)| - |d|)^2
+  / (H W)``: springs leaving the image are absent; each spring is counted from both ends.
+* ``l2 = mean over (2, H, W) of field^2``.
+
+Everything here is written the obvious way (``emcore.field.warp`` = ``grid_sample``, eight
+shifted slices for the springs) and differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from emcore.field import warp
+
+__all__ = ["NEIGHBOURS", "LossTerms", "reference_terms"]
+
+#: The 8 spring directions ``(dy, dx)`` in px.
+NEIGHBOURS: tuple[tuple[int, int], ...] = (
+    (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1),
+)
+
+#: Flag bits of the per-pixel uint8 masks built by :func:`emcore.finetune.losses.prepare_masks`.
+HAS_DATA = 1
+DEFECT = 2
+
+
+class LossTerms(NamedTuple):
+    """The three loss terms, each ``(N,)`` (one value per batch item), in the field's dtype."""
+
+    mse: torch.Tensor
+    rigidity: torch.Tensor
+    l2: torch.Tensor
+
+
+def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t at p, t at p + (dy, dx))`` over the pixels ``p`` whose neighbour is in the image."""
+    h, w = t.shape[-2:]
+    p = t[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+    q = t[..., max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)]
+    return p, q
+
+
+def reference_terms(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    field: torch.Tensor,
+    src_flags: torch.Tensor,
+    tgt_flags: torch.Tensor,
+) -> LossTerms:
+    """The loss terms by plain autograd (differentiable w.r.t. ``field`` only).
+
+    Args:
+        src, tgt: ``(N, C, H, W)`` images, same dtype as ``field``.
+        field: ``(N, 2, H, W)`` px.
+        src_flags, tgt_flags: ``(N, 1, H, W)`` uint8, bit 1 = has data, bit 2 = defect
+            (source and target frame), from ``prepare_masks``.
+    """
+    n, c, h, w = src.shape
+    src, tgt = src.detach(), tgt.detach()
+    with torch.no_grad():
+        fixed = field.detach()
+        src_data = ((src_flags & HAS_DATA) != 0).to(field.dtype)
+        src_defect = ((src_flags & DEFECT) != 0).to(field.dtype)
+        tgt_data = (tgt_flags & HAS_DATA) != 0
+        defect = ((tgt_flags & DEFECT) != 0) | (warp(src_defect, fixed) > 0)
+        valid = tgt_data & ~defect & (warp(src_data, fixed) >= 0.999)
+        weight = torch.where(defect, 0.0, torch.where(tgt_data, 1.0, 0.001)).to(field.dtype)
+        count = valid.sum(dim=(1, 2, 3)).to(field.dtype)
+
+    warped = warp(src, field)
+    sse = ((warped - tgt).square() * valid).sum(dim=(1, 2, 3))
+    mse = sse / torch.clamp(c * count, min=1.0)
+
+    energy = field.new_zeros(n)
+    for dy, dx in NEIGHBOURS:
+        f_p, f_q = _pairs(field, dy, dx)
+        w_p, w_q = _pairs(weight, dy, dx)
+        spring = torch.stack((dx + f_q[:, 0] - f_p[:, 0], dy + f_q[:, 1] - f_p[:, 1]))
+        stretch = torch.linalg.vector_norm(spring, dim=0) - math.hypot(dx, dy)
+        energy = energy + (w_p[:, 0] * w_q[:, 0] * stretch.square()).sum(dim=(1, 2))
+    rigidity = energy / (h * w)
+
+    l2 = field.square().mean(dim=(1, 2, 3))
+    return LossTerms(mse, rigidity, l2)
