@@ -28,7 +28,7 @@ import torch
 
 from emcore.field import warp
 
-__all__ = ["NEIGHBOURS", "LossTerms", "reference_terms"]
+__all__ = ["NEIGHBOURS", "LossTerms", "neighbour_pairs", "reference_terms"]
 
 #: The 8 spring directions ``(dy, dx)`` in px.
 NEIGHBOURS: tuple[tuple[int, int], ...] = (
@@ -48,7 +48,7 @@ class LossTerms(NamedTuple):
     l2: torch.Tensor
 
 
-def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def neighbour_pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t at p, t at p + (dy, dx))`` over the pixels ``p`` whose neighbour is in the image."""
     h, w = t.shape[-2:]
     p = t[..., max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
@@ -80,7 +80,8 @@ def reference_terms(
         tgt_data = (tgt_flags & HAS_DATA) != 0
         defect = ((tgt_flags & DEFECT) != 0) | (warp(src_defect, fixed) > 0)
         valid = tgt_data & ~defect & (warp(src_data, fixed) >= 0.999)
-        weight = torch.where(defect, 0.0, torch.where(tgt_data, 1.0, 0.001)).to(field.dtype)
+        no_data = torch.full_like(src_data, 0.001)  # built in the field's dtype: 0.001 exactly
+        weight = torch.where(defect, 0.0, torch.where(tgt_data, 1.0, no_data))
         count = valid.sum(dim=(1, 2, 3)).to(field.dtype)
 
     warped = warp(src, field)
@@ -89,8 +90,8 @@ def reference_terms(
 
     energy = field.new_zeros(n)
     for dy, dx in NEIGHBOURS:
-        f_p, f_q = _pairs(field, dy, dx)
-        w_p, w_q = _pairs(weight, dy, dx)
+        f_p, f_q = neighbour_pairs(field, dy, dx)
+        w_p, w_q = neighbour_pairs(weight, dy, dx)
         spring = torch.stack((dx + f_q[:, 0] - f_p[:, 0], dy + f_q[:, 1] - f_p[:, 1]))
         stretch = torch.linalg.vector_norm(spring, dim=0) - math.hypot(dx, dy)
         energy = energy + (w_p[:, 0] * w_q[:, 0] * stretch.square()).sum(dim=(1, 2))

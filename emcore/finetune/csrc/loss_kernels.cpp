@@ -1,0 +1,181 @@
+// Fused CPU kernels of the finetuner loss (see emcore/finetune/loss_fused.py for the spec and the
+// Python side). Plain C++17 + OpenMP, no torch headers: built with g++ in about a second and
+// called through ctypes with raw pointers to contiguous tensors.
+//
+// Layouts (all C-contiguous): src, tgt (N, C, H, W); field, grad (N, 2, H, W) px, channel 0 = x;
+// src_flags, tgt_flags (N, H, W) uint8 (bit 1 = has data, bit 2 = defect); weight (N, H, W).
+// Per-row partial sums are written to double arrays of length N*H (summed on the Python side),
+// so the result does not depend on the number of threads.
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr uint8_t kHasData = 1;
+constexpr uint8_t kDefect = 2;
+
+// One pass per output pixel: bilinear sample of every channel at p + field(p) (zeros outside),
+// the warped source masks, valid(p), w(p), the squared residual and d(sum of squares)/d field.
+template <typename T>
+void warp_mse(const T* src, const T* tgt, const T* field, const uint8_t* src_flags,
+              const uint8_t* tgt_flags, int64_t N, int64_t C, int64_t H, int64_t W,
+              int need_grad, int num_threads, T* grad, T* weight, double* row_sse,
+              double* row_count) {
+  const int64_t HW = H * W;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t row = 0; row < N * H; ++row) {
+    const int64_t n = row / H, y = row % H;
+    const T* fx = field + n * 2 * HW + y * W;
+    const T* fy = fx + HW;
+    const T* s = src + n * C * HW;
+    const T* t = tgt + n * C * HW + y * W;
+    const uint8_t* sf = src_flags + n * HW;
+    const uint8_t* tf = tgt_flags + n * HW + y * W;
+    T* w_out = weight + n * HW + y * W;
+    T* gx = need_grad ? grad + n * 2 * HW + y * W : nullptr;
+    T* gy = need_grad ? gx + HW : nullptr;
+    double sse = 0.0, count = 0.0;
+    for (int64_t x = 0; x < W; ++x) {
+      const T sx = static_cast<T>(x) + fx[x];
+      const T sy = static_cast<T>(y) + fy[x];
+      const T x0f = std::floor(sx), y0f = std::floor(sy);
+      const T ax = sx - x0f, ay = sy - y0f;  // weights of the x0+1 / y0+1 taps
+      // Out-of-range or NaN positions: all taps outside (the weights then carry NaN/garbage,
+      // but they only ever multiply zeros and the pixel is not valid).
+      const int64_t x0 = (x0f >= -1 && x0f <= static_cast<T>(W - 1)) ? static_cast<int64_t>(x0f) : -2;
+      const int64_t y0 = (y0f >= -1 && y0f <= static_cast<T>(H - 1)) ? static_cast<int64_t>(y0f) : -2;
+      const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 >= 0 && x0 + 1 < W;
+      const bool in_y0 = y0 >= 0, in_y1 = y0 + 1 >= 0 && y0 + 1 < H;
+      const bool m00 = in_y0 && in_x0, m01 = in_y0 && in_x1, m10 = in_y1 && in_x0, m11 = in_y1 && in_x1;
+      const int64_t o00 = y0 * W + x0, o01 = o00 + 1, o10 = o00 + W, o11 = o10 + 1;
+      const T w00 = (1 - ax) * (1 - ay), w01 = ax * (1 - ay), w10 = (1 - ax) * ay, w11 = ax * ay;
+      const uint8_t f00 = m00 ? sf[o00] : 0, f01 = m01 ? sf[o01] : 0;
+      const uint8_t f10 = m10 ? sf[o10] : 0, f11 = m11 ? sf[o11] : 0;
+      const T data = ((f00 & kHasData) ? w00 : T(0)) + ((f01 & kHasData) ? w01 : T(0)) +
+                     ((f10 & kHasData) ? w10 : T(0)) + ((f11 & kHasData) ? w11 : T(0));
+      const bool src_defect = ((f00 & kDefect) && w00 > 0) || ((f01 & kDefect) && w01 > 0) ||
+                              ((f10 & kDefect) && w10 > 0) || ((f11 & kDefect) && w11 > 0);
+      const bool tgt_data = tf[x] & kHasData;
+      const bool defect = (tf[x] & kDefect) || src_defect;
+      w_out[x] = defect ? T(0) : (tgt_data ? T(1) : T(0.001));
+      const bool valid = tgt_data && !defect && data >= T(0.999);
+      if (!valid) {
+        if (need_grad) gx[x] = gy[x] = 0;
+        continue;
+      }
+      count += 1.0;
+      T acc = 0, dx = 0, dy = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* sc = s + c * HW;
+        const T v00 = m00 ? sc[o00] : T(0), v01 = m01 ? sc[o01] : T(0);
+        const T v10 = m10 ? sc[o10] : T(0), v11 = m11 ? sc[o11] : T(0);
+        const T r = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11 - t[c * HW + x];
+        acc += r * r;
+        dx += r * ((1 - ay) * (v01 - v00) + ay * (v11 - v10));
+        dy += r * ((1 - ax) * (v10 - v00) + ax * (v11 - v01));
+      }
+      sse += acc;
+      if (need_grad) {
+        gx[x] = 2 * dx;
+        gy[x] = 2 * dy;
+      }
+    }
+    row_sse[row] = sse;
+    row_count[row] = count;
+  }
+}
+
+// The springs of pixel p to its 8 neighbours q = p + d: energy sum_d w(p) w(q) (|d + f(q) - f(p)|
+// - |d|)^2 and the gradient -2 sum_d w w d(energy)/ds (each spring appears from both ends, and
+// d/ds is odd in s, so the gradient is a gather over p's own springs: no scatter, no atomics).
+template <typename T, bool kBorder>
+inline void springs(const T* fx, const T* fy, const T* w, int64_t y, int64_t x, int64_t H,
+                    int64_t W, double& energy, T& gx, T& gy) {
+  constexpr int kDy[8] = {-1, -1, -1, 0, 0, 1, 1, 1};
+  constexpr int kDx[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
+  const int64_t p = y * W + x;
+  const T wp = w[p], fpx = fx[p], fpy = fy[p];
+  T e = 0, ax = 0, ay = 0;
+  for (int k = 0; k < 8; ++k) {
+    if (kBorder) {
+      const int64_t qy = y + kDy[k], qx = x + kDx[k];
+      if (qy < 0 || qy >= H || qx < 0 || qx >= W) continue;
+    }
+    const int64_t q = p + kDy[k] * W + kDx[k];
+    const T ww = wp * w[q];
+    const T sx = kDx[k] + fx[q] - fpx, sy = kDy[k] + fy[q] - fpy;
+    const T len = std::sqrt(sx * sx + sy * sy);
+    const T rest = (kDx[k] != 0 && kDy[k] != 0) ? T(1.4142135623730951) : T(1);
+    const T stretch = len - rest;
+    e += ww * stretch * stretch;
+    const T k2 = len > 0 ? ww * stretch / len : T(0);
+    ax += k2 * sx;
+    ay += k2 * sy;
+  }
+  energy += e;
+  gx = -4 * ax;
+  gy = -4 * ay;
+}
+
+template <typename T>
+void rigidity(const T* field, const T* weight, int64_t N, int64_t H, int64_t W, int need_grad,
+              int num_threads, T* grad, double* row_energy, double* row_sumsq) {
+  const int64_t HW = H * W;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t row = 0; row < N * H; ++row) {
+    const int64_t n = row / H, y = row % H;
+    const T* fx = field + n * 2 * HW;
+    const T* fy = fx + HW;
+    const T* w = weight + n * HW;
+    T* gx = need_grad ? grad + n * 2 * HW + y * W : nullptr;
+    T* gy = need_grad ? gx + HW : nullptr;
+    double energy = 0.0, sumsq = 0.0;
+    const bool border_row = y == 0 || y == H - 1;
+    for (int64_t x = 0; x < W; ++x) {
+      T ggx, ggy;
+      if (border_row || x == 0 || x == W - 1) {
+        springs<T, true>(fx, fy, w, y, x, H, W, energy, ggx, ggy);
+      } else {
+        springs<T, false>(fx, fy, w, y, x, H, W, energy, ggx, ggy);
+      }
+      if (need_grad) {
+        gx[x] = ggx;
+        gy[x] = ggy;
+      }
+      const T vx = fx[y * W + x], vy = fy[y * W + x];
+      sumsq += vx * vx + vy * vy;
+    }
+    row_energy[row] = energy;
+    row_sumsq[row] = sumsq;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void warp_mse_f32(const float* src, const float* tgt, const float* field, const uint8_t* sf,
+                  const uint8_t* tf, int64_t N, int64_t C, int64_t H, int64_t W, int need_grad,
+                  int num_threads, float* grad, float* weight, double* row_sse, double* row_count) {
+  warp_mse<float>(src, tgt, field, sf, tf, N, C, H, W, need_grad, num_threads, grad, weight, row_sse,
+                  row_count);
+}
+
+void warp_mse_f64(const double* src, const double* tgt, const double* field, const uint8_t* sf,
+                  const uint8_t* tf, int64_t N, int64_t C, int64_t H, int64_t W, int need_grad,
+                  int num_threads, double* grad, double* weight, double* row_sse, double* row_count) {
+  warp_mse<double>(src, tgt, field, sf, tf, N, C, H, W, need_grad, num_threads, grad, weight, row_sse,
+                   row_count);
+}
+
+void rigidity_f32(const float* field, const float* weight, int64_t N, int64_t H, int64_t W,
+                  int need_grad, int num_threads, float* grad, double* row_energy, double* row_sumsq) {
+  rigidity<float>(field, weight, N, H, W, need_grad, num_threads, grad, row_energy, row_sumsq);
+}
+
+void rigidity_f64(const double* field, const double* weight, int64_t N, int64_t H, int64_t W,
+                  int need_grad, int num_threads, double* grad, double* row_energy, double* row_sumsq) {
+  rigidity<double>(field, weight, N, H, W, need_grad, num_threads, grad, row_energy, row_sumsq);
+}
+
+}  // extern "C"
