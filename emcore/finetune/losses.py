@@ -184,7 +184,8 @@ def alignment_loss_terms(
         raise ValueError("pass the defect masks either to prepare_masks or to the loss, not both")
     _check_masks(masks, src)
     backend = _resolve_backend(backend, field)
-    args = (src.contiguous(), tgt.contiguous(), field, masks.src_flags, masks.tgt_flags)
+    flags = (masks.src_flags.contiguous(), masks.tgt_flags.contiguous())
+    args = (src.contiguous(), tgt.contiguous(), field, *flags)
     if backend == "reference":
         return reference_terms(*args)
     if backend == "fused":
