@@ -167,14 +167,18 @@ class VoxelBox:
 
 @dataclass(frozen=True)
 class BBox:
-    """A half-open box in nm, xyz order, independent of resolution."""
+    """A half-open box in nm, xyz order, independent of resolution (coordinates kept to 1e-6 nm)."""
 
     start_nm: tuple[float, float, float]
     stop_nm: tuple[float, float, float]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "start_nm", _float3(self.start_nm, "start_nm"))
-        object.__setattr__(self, "stop_nm", _float3(self.stop_nm, "stop_nm"))
+        # Canonical to 1e-6 nm, so the same box computed two ways (64 * 4.6 vs 294.4) is equal and
+        # hashes the same.
+        start = tuple(round(v, 6) + 0.0 for v in _float3(self.start_nm, "start_nm"))
+        stop = tuple(round(v, 6) + 0.0 for v in _float3(self.stop_nm, "stop_nm"))
+        object.__setattr__(self, "start_nm", start)
+        object.__setattr__(self, "stop_nm", stop)
         if any(b < a for a, b in zip(self.start_nm, self.stop_nm, strict=True)):
             raise GeometryError(f"bbox stop {self.stop_nm} nm is before its start {self.start_nm} nm")
 

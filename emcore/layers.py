@@ -267,6 +267,12 @@ class Layer:
         state["_volumes"] = {}
         return state
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layer) and (self.path, self._info) == (other.path, other._info)
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
     def __repr__(self) -> str:
         return (
             f"Layer({self.kind} {self.dtype.name} x{self.num_channels} at {self.path}, "

@@ -45,6 +45,10 @@ def test_boxes_are_hashable_and_readable():
     assert str(a) == "VoxelBox[x 0:4, y 0:4, z 0:1]"
     assert str(BBox((0, 0, 0), (9.2, 4.6, 50))) == "BBox[x 0-9.2, y 0-4.6, z 0-50 nm]"
     assert hash(ChunkGrid((0, 0, 0), (8, 8, 1), (4, 4, 1)))
+    # the same box computed two ways is one cache key
+    computed = VoxelBox((64, 3, 1), (128, 7, 2)).to_nm(RES0)
+    typed = BBox((294.4, 13.8, 50.0), (588.8, 32.2, 100.0))
+    assert computed == typed and hash(computed) == hash(typed)
 
 
 def test_invalid_boxes_are_rejected():

@@ -38,8 +38,10 @@ def test_write_read_round_trip_and_reopen(layer_root, vnc_sections):
     # a BBox in nm reads the same voxels
     np.testing.assert_array_equal(again.read(BBox.from_voxels(VoxelBox((32, 0, 1), (64, 32, 2)), RES))[0, 0],
                                   data[1, :32, 32:64])
-    # pickled (as for dask workers) it still reads
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(again)).read(layer.bounds(0))[:, 0], data)
+    # pickled (as for dask workers) it still reads, and is the same layer
+    unpickled = pickle.loads(pickle.dumps(again))
+    np.testing.assert_array_equal(unpickled.read(layer.bounds(0))[:, 0], data)
+    assert unpickled == layer and len({unpickled, layer, again}) == 1
 
 
 def test_info_records_resolution_per_mip(layer_root):
