@@ -11,10 +11,12 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cloudvolume import CloudVolume
 from hypothesis import assume, given, settings, target
 from hypothesis import strategies as st
 
 from emcore.field import compose, from_corgie, identity, invert, resample_field, to_corgie, warp, warp_mask
+from emcore.layers import create_layer
 from emcore.synthetic import affine_field, smooth_field
 
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
@@ -277,11 +279,20 @@ def _corgie_round_trip(
     return corgie_out, warp(image_zcyx, ours_field)
 
 
-def test_corgie_translation_field_matches_from_corgie():
+def test_corgie_translation_field_matches_from_corgie(layer_root):
     size, dy = 32, 3.0
     image = smooth_image(size, 5)
     stored = np.zeros((size, size, 1, 2), np.float32)  # cloud-volume (X, Y, Z, C)
     stored[..., 0] = dy  # corgie channel 0 moves along its last tensor axis = Y
+    stored[:, 7, 0, 1] = 0.25  # a marker in corgie channel 1 (x) at y = 7, to check the layout
+    # a corgie field layer on disk, read back through emcore.layers: (Z, C, Y, X), corgie channels
+    layer = create_layer(f"{layer_root}/corgie_field", kind="field", resolution=(4, 4, 40),
+                         size=(size, size, 1), chunk_size=(16, 16, 1))
+    CloudVolume(layer.path, progress=False)[0:size, 0:size, 0:1] = stored
+    read = torch.from_numpy(layer.read(layer.bounds(0)))
+    assert torch.equal(read, torch.from_numpy(stored.transpose(2, 3, 1, 0).copy()))
+    assert (from_corgie(read)[0, 0, 7] == 0.25).all() and from_corgie(read)[0, 0].sum() == 0.25 * size
+    stored[:, 7, 0, 1] = 0.0
     corgie_out, ours = _corgie_round_trip(stored, image)
     torch.testing.assert_close(ours, corgie_out, atol=1e-5, rtol=0)
     # and both are the +dy pull: out[y] = image[y + 3]
