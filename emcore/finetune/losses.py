@@ -41,7 +41,16 @@ import torch
 
 from emcore.finetune.loss_reference import DEFECT, HAS_DATA, LossTerms, reference_terms
 
-__all__ = ["BACKENDS", "LossMasks", "LossTerms", "alignment_loss", "alignment_loss_terms", "prepare_masks"]
+__all__ = [
+    "BACKENDS",
+    "LossMasks",
+    "LossTerms",
+    "alignment_loss",
+    "alignment_loss_terms",
+    "prepare_masks",
+    "resolve_backend",
+    "triton_available",
+]
 
 BACKENDS = ("auto", "reference", "fused", "triton")
 
@@ -145,7 +154,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _resolve_backend(backend: str, field: torch.Tensor) -> str:
+def resolve_backend(backend: str, field: torch.Tensor) -> str:
+    """The backend ``alignment_loss`` uses for ``backend`` and a field on ``field.device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -183,7 +193,7 @@ def alignment_loss_terms(
     elif src_defects is not None or tgt_defects is not None:
         raise ValueError("pass the defect masks either to prepare_masks or to the loss, not both")
     _check_masks(masks, src)
-    backend = _resolve_backend(backend, field)
+    backend = resolve_backend(backend, field)
     flags = (masks.src_flags.contiguous(), masks.tgt_flags.contiguous())
     args = (src.contiguous(), tgt.contiguous(), field, *flags)
     if backend == "reference":
