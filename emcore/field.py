@@ -124,18 +124,18 @@ def warp(image: torch.Tensor, field: torch.Tensor, *, mode: str = "bilinear") ->
 def warp_mask(mask: torch.Tensor, field: torch.Tensor, *, threshold: float | None = None) -> torch.Tensor:
     """Warp a binary mask ``(N, C, H, W)`` (any dtype, nonzero = set) by ``field``.
 
-    With ``threshold=None`` the mask is sampled with nearest neighbour. With a threshold in
-    ``(0, 1]`` it is sampled bilinearly and a pixel is set where the interpolated value is at least
-    ``threshold`` (a small threshold dilates: any touch of a defect counts). Returns the input
-    dtype (bool stays bool).
+    The mask is sampled bilinearly and an output pixel is set where the interpolated value is at
+    least ``threshold``. ``threshold=None`` means 0.5 with ties set: nearest-neighbour-like, but a
+    1-px defect never vanishes at a half-pixel shift (``grid_sample``'s nearest mode rounds half
+    to even and would drop it). A small threshold dilates (any touch of a defect counts); 1.0 keeps
+    only pixels whose four bilinear taps are all set. Returns the input dtype (bool stays bool).
     """
-    as_float = (mask != 0).to(torch.float32)
     if threshold is None:
-        out = warp(as_float, field.to(torch.float32), mode="nearest") > 0.5
-    else:
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        out = warp(as_float, field.to(torch.float32), mode="bilinear") >= threshold - 1e-6
+        threshold = 0.5
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    as_float = (mask != 0).to(torch.float32)
+    out = warp(as_float, field.to(torch.float32), mode="bilinear") >= threshold - 1e-6
     return out.to(mask.dtype)
 
 
