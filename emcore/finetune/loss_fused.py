@@ -18,9 +18,10 @@ protocol), so the CPU kernels here and the Triton kernels of :mod:`emcore.finetu
 share the autograd plumbing:
 
 * :class:`CppKernels` - C++17/OpenMP (``csrc/loss_kernels.cpp``), compiled with ``g++ -O3
-  -march=native -fopenmp`` at first use (about 1 s: no torch headers, called through ctypes) into a
-  cache directory (``$SECTIONFLOW_KERNEL_CACHE``, default ``~/.cache/sectionflow/kernels``),
-  keyed by the source, flags, compiler and CPU, so later processes load it at once. Threads:
+  -march=native -fno-math-errno -fopenmp`` at first use (about 1 s: no torch headers, called
+  through ctypes) into a cache directory (``$SECTIONFLOW_KERNEL_CACHE``, default
+  ``~/.cache/sectionflow/kernels``), keyed by the source, flags, compiler and CPU, so later
+  processes load it at once. Threads:
   ``torch.get_num_threads()``. Partial sums are per image row in float64, so results do not
   depend on the thread count.
 * :class:`TorchKernels` - the same analytic formulas in vectorized torch (gathers for the four
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "loss_kernels.cpp"
-_CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_CXX_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
 class LossKernels(Protocol):

@@ -47,10 +47,24 @@ import triton.language as tl
 from emcore.finetune.loss_fused import RigidityL2, WarpMSE
 from emcore.finetune.loss_reference import LossTerms
 
-__all__ = ["TritonKernels", "triton_terms"]
+__all__ = ["TritonKernels", "modelled_bytes_per_pixel", "triton_terms"]
 
 #: Pixels per program.
 BLOCK = 1024
+
+
+def modelled_bytes_per_pixel(channels: int, itemsize: int = 4) -> int:
+    """DRAM bytes per pixel per iteration of the Triton path (the table in the module docstring).
+
+    ``channels`` image channels, ``itemsize`` bytes per float (4 for float32). Flags are 1 byte.
+    """
+    fields = 2 * itemsize  # one (x, y) field or gradient pixel
+    warp_forward = fields + 2 * channels * itemsize + 2 + itemsize + fields
+    warp_backward = 2 * fields
+    rigidity_forward = fields + itemsize + fields
+    rigidity_backward = 3 * fields
+    grad_sum = 3 * fields
+    return warp_forward + warp_backward + rigidity_forward + rigidity_backward + grad_sum
 
 
 @triton.jit

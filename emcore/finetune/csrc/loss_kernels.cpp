@@ -8,6 +8,7 @@
 // so the result does not depend on the number of threads.
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -88,14 +89,16 @@ void warp_mse(const T* src, const T* tgt, const T* field, const uint8_t* src_fla
 // The springs of pixel p to its 8 neighbours q = p + d: energy sum_d w(p) w(q) (|d + f(q) - f(p)|
 // - |d|)^2 and the gradient -2 sum_d w w d(energy)/ds (each spring appears from both ends, and
 // d/ds is odd in s, so the gradient is a gather over p's own springs: no scatter, no atomics).
+// Branch-free on interior pixels (kBorder = false) so that the x loop vectorizes.
 template <typename T, bool kBorder>
-inline void springs(const T* fx, const T* fy, const T* w, int64_t y, int64_t x, int64_t H,
-                    int64_t W, double& energy, T& gx, T& gy) {
+inline void springs(const T* __restrict__ fx, const T* __restrict__ fy, const T* __restrict__ w,
+                    int64_t y, int64_t x, int64_t H, int64_t W, T& energy, T& gx, T& gy) {
   constexpr int kDy[8] = {-1, -1, -1, 0, 0, 1, 1, 1};
   constexpr int kDx[8] = {-1, 0, 1, -1, 1, -1, 0, 1};
   const int64_t p = y * W + x;
   const T wp = w[p], fpx = fx[p], fpy = fy[p];
   T e = 0, ax = 0, ay = 0;
+#pragma GCC unroll 8
   for (int k = 0; k < 8; ++k) {
     if (kBorder) {
       const int64_t qy = y + kDy[k], qx = x + kDx[k];
@@ -112,7 +115,7 @@ inline void springs(const T* fx, const T* fy, const T* w, int64_t y, int64_t x, 
     ax += k2 * sx;
     ay += k2 * sy;
   }
-  energy += e;
+  energy = e;
   gx = -4 * ax;
   gy = -4 * ay;
 }
@@ -121,32 +124,38 @@ template <typename T>
 void rigidity(const T* field, const T* weight, int64_t N, int64_t H, int64_t W, int need_grad,
               int num_threads, T* grad, double* row_energy, double* row_sumsq) {
   const int64_t HW = H * W;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t row = 0; row < N * H; ++row) {
-    const int64_t n = row / H, y = row % H;
-    const T* fx = field + n * 2 * HW;
-    const T* fy = fx + HW;
-    const T* w = weight + n * HW;
-    T* gx = need_grad ? grad + n * 2 * HW + y * W : nullptr;
-    T* gy = need_grad ? gx + HW : nullptr;
-    double energy = 0.0, sumsq = 0.0;
-    const bool border_row = y == 0 || y == H - 1;
-    for (int64_t x = 0; x < W; ++x) {
-      T ggx, ggy;
-      if (border_row || x == 0 || x == W - 1) {
-        springs<T, true>(fx, fy, w, y, x, H, W, energy, ggx, ggy);
+#pragma omp parallel num_threads(num_threads)
+  {
+    // Per-thread row buffers: per-pixel energies (summed in float64 afterwards, keeping the
+    // pixel loop free of a serial reduction) and a gradient sink when no gradient is wanted.
+    std::vector<T> energy(W), sink_x(W), sink_y(W);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < N * H; ++row) {
+      const int64_t n = row / H, y = row % H;
+      const T* fx = field + n * 2 * HW;
+      const T* fy = fx + HW;
+      const T* w = weight + n * HW;
+      T* __restrict__ gx = need_grad ? grad + n * 2 * HW + y * W : sink_x.data();
+      T* __restrict__ gy = need_grad ? gx + HW : sink_y.data();
+      T* __restrict__ e = energy.data();
+      if (y == 0 || y == H - 1 || W < 3) {
+        for (int64_t x = 0; x < W; ++x) springs<T, true>(fx, fy, w, y, x, H, W, e[x], gx[x], gy[x]);
       } else {
-        springs<T, false>(fx, fy, w, y, x, H, W, energy, ggx, ggy);
+        springs<T, true>(fx, fy, w, y, 0, H, W, e[0], gx[0], gy[0]);
+#pragma omp simd
+        for (int64_t x = 1; x < W - 1; ++x) springs<T, false>(fx, fy, w, y, x, H, W, e[x], gx[x], gy[x]);
+        springs<T, true>(fx, fy, w, y, W - 1, H, W, e[W - 1], gx[W - 1], gy[W - 1]);
       }
-      if (need_grad) {
-        gx[x] = ggx;
-        gy[x] = ggy;
+      double total = 0.0, sumsq = 0.0;
+      const T* rx = fx + y * W;
+      const T* ry = fy + y * W;
+      for (int64_t x = 0; x < W; ++x) {
+        total += e[x];
+        sumsq += static_cast<double>(rx[x]) * rx[x] + static_cast<double>(ry[x]) * ry[x];
       }
-      const T vx = fx[y * W + x], vy = fy[y * W + x];
-      sumsq += vx * vx + vy * vy;
+      row_energy[row] = total;
+      row_sumsq[row] = sumsq;
     }
-    row_energy[row] = energy;
-    row_sumsq[row] = sumsq;
   }
 }
 

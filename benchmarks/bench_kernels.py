@@ -1,0 +1,263 @@
+"""Speed, memory and accuracy of the finetuner loss backends (``emcore.finetune.losses``).
+
+One iteration = forward + backward of the full loss (``alignment_loss`` with masks precomputed
+by ``prepare_masks``, as the optimizer does), on real EM: bundled VNC sections
+(``data/vnc_stack1``, 1024 px, normalized over tissue) as targets, the same sections warped by a
+known smooth field (4 px, ``emcore.synthetic.smooth_field``) as sources, a field near the aligning
+one, and a 3 px crack (target defect) across each pair. Sizes: one 512 px pair, one 1024 px pair,
+a batch of 16 (``--quick``: a batch of 4) 512 px crops.
+
+Speed table: backend, size, threads, Mpx*it/s (``N H W`` x iterations / s), ratio to the
+``reference`` backend measured in the same run with the same size and threads, and peak memory
+above the starting point (CPU: peak RSS, reset through ``/proc/self/clear_refs``; CUDA:
+``torch.cuda.max_memory_allocated``). On CUDA also the fraction of the bandwidth roofline
+(modelled bytes per pixel per iteration, see ``emcore.finetune.loss_triton``, over the bandwidth
+of a large device copy).
+
+Accuracy table (float32, 512 px pair): relative L2 error of each backend's loss terms and gradient
+against the float32 reference and against the float64 reference.
+
+    .venv/bin/python -m benchmarks.bench_kernels [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from emcore.bundled import load_vnc_sections
+from emcore.field import warp
+from emcore.finetune.loss_fused import cpu_kernels, fused_terms
+from emcore.finetune.losses import LossMasks, alignment_loss, prepare_masks
+from emcore.normalize import normalize, section_stats
+from emcore.synthetic import smooth_field
+
+SM, L2_WEIGHT = 200.0, 1e-4
+
+
+@dataclass(frozen=True)
+class Batch:
+    name: str
+    src: torch.Tensor
+    tgt: torch.Tensor
+    field: torch.Tensor
+    masks: LossMasks
+
+    @property
+    def megapixels(self) -> float:
+        n, _, h, w = self.src.shape
+        return n * h * w / 1e6
+
+    def to(self, device: str) -> Batch:
+        masks = LossMasks(self.masks.src_flags.to(device), self.masks.tgt_flags.to(device))
+        return Batch(self.name, self.src.to(device), self.tgt.to(device), self.field.to(device), masks)
+
+
+def make_batch(name: str, n: int, size: int) -> Batch:
+    """``n`` real pairs of ``size`` px (crops of the bundled sections, cycling through them)."""
+    sections = load_vnc_sections()
+    per_side = 1024 // size
+    tgts, srcs, fields = [], [], []
+    for i in range(n):
+        section = sections[i % len(sections)]
+        tile = (i // len(sections)) % (per_side * per_side)
+        y, x = (tile // per_side) * size, (tile % per_side) * size
+        raw = section[y : y + size, x : x + size]
+        stats = section_stats(raw)
+        tgt = torch.from_numpy(normalize(raw, stats.mean, stats.std)).view(1, 1, size, size)
+        applied = smooth_field(size, size, 4.0, seed=i)
+        srcs.append(warp(tgt, applied))
+        tgts.append(tgt)
+        fields.append(-0.8 * applied)
+    src, tgt, field = torch.cat(srcs), torch.cat(tgts), torch.cat(fields)
+    defects = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    defects[..., size // 3 : size // 3 + 3, :] = True
+    return Batch(name, src, tgt, field, prepare_masks(src, tgt, tgt_defects=defects))
+
+
+def _loss_fn(backend: str) -> Callable[[Batch, torch.Tensor], torch.Tensor]:
+    """``(batch, field) -> scalar loss`` for a row label of the table."""
+    if backend.startswith("fused-"):
+        kernels = cpu_kernels(backend.removeprefix("fused-"))
+
+        def fused(b: Batch, f: torch.Tensor) -> torch.Tensor:
+            t = fused_terms(b.src, b.tgt, f, b.masks.src_flags, b.masks.tgt_flags, kernels=kernels)
+            return (t.mse + SM * t.rigidity + L2_WEIGHT * t.l2).mean()
+
+        return fused
+    def public(b: Batch, f: torch.Tensor) -> torch.Tensor:
+        return alignment_loss(b.src, b.tgt, f, masks=b.masks, sm=SM, l2_weight=L2_WEIGHT, backend=backend)
+
+    return public
+
+
+class PeakMemory:
+    """Peak memory above the start of a ``with`` block, in MiB (CPU RSS or CUDA allocator)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.mib: float | None = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                self._start = self._status("VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        elif self._start is not None:
+            self.mib = (self._status("VmHWM") - self._start) / 2**20
+
+
+def time_backend(
+    backend: str, batch: Batch, min_seconds: float, min_iters: int
+) -> tuple[float, float | None]:
+    """``(Mpx*it/s, peak MiB)`` of forward+backward iterations of ``backend`` on ``batch``."""
+    fn = _loss_fn(backend)
+    field = batch.field.clone().requires_grad_(True)
+    sync = torch.cuda.synchronize if batch.field.is_cuda else (lambda: None)
+
+    def step() -> None:
+        field.grad = None
+        fn(batch, field).backward()
+
+    with PeakMemory("cuda" if batch.field.is_cuda else "cpu") as peak:
+        step()  # warm-up (C++ build / Triton compile happen here, outside the timing)
+        sync()
+        iters, start = 0, time.perf_counter()
+        while iters < min_iters or time.perf_counter() - start < min_seconds:
+            step()
+            iters += 1
+        sync()
+        elapsed = time.perf_counter() - start
+    field.grad = None
+    return batch.megapixels * iters / elapsed, peak.mib
+
+
+def device_bandwidth(device: str) -> float:
+    """Bytes/s of a large device-to-device copy (read + write)."""
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * reps / (time.perf_counter() - start)
+
+
+def accuracy_rows(batch: Batch, backends: list[str]) -> list[tuple[str, float, float, float, float]]:
+    """``(backend, terms rel err vs f32 ref, grad vs f32 ref, terms vs f64 ref, grad vs f64 ref)``."""
+    from emcore.finetune.losses import alignment_loss_terms
+
+    def run(backend: str, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        f = b.field.clone().requires_grad_(True)
+        if backend.startswith("fused-"):
+            kernels = cpu_kernels(backend.removeprefix("fused-"))
+            terms = fused_terms(b.src, b.tgt, f, b.masks.src_flags, b.masks.tgt_flags, kernels=kernels)
+        else:
+            terms = alignment_loss_terms(b.src, b.tgt, f, masks=b.masks, backend=backend)
+        stacked = torch.stack(tuple(terms))
+        (stacked[0] + SM * stacked[1] + L2_WEIGHT * stacked[2]).sum().backward()
+        return stacked.detach().double().cpu(), f.grad.double().cpu()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    b64 = Batch(batch.name, batch.src.double(), batch.tgt.double(), batch.field.double(), batch.masks)
+    ref32, ref64 = run("reference", batch), run("reference", b64)
+    rows = [("reference", 0.0, 0.0, rel(ref32[0], ref64[0]), rel(ref32[1], ref64[1]))]
+    for backend in backends:
+        terms, grad = run(backend, batch)
+        errors = (rel(terms, ref32[0]), rel(grad, ref32[1]), rel(terms, ref64[0]), rel(grad, ref64[1]))
+        rows.append((backend, *errors))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="512 px and a batch of 4 x 512 px, short runs")
+    args = parser.parse_args()
+
+    shapes = [("1x512^2", 1, 512), ("4x512^2", 4, 512)] if args.quick else [
+        ("1x512^2", 1, 512), ("1x1024^2", 1, 1024), ("16x512^2", 16, 512),
+    ]  # fmt: skip
+    min_seconds, min_iters = (0.3, 1) if args.quick else (1.5, 2)
+    cuda = torch.cuda.is_available()
+    backends = ["reference", "fused-cpp", "fused-torch"]
+    print(f"# bench_kernels{' --quick' if args.quick else ''}: forward+backward of alignment_loss "
+          f"(sm={SM}, l2_weight={L2_WEIGHT}), float32, C=1")  # fmt: skip
+    print(f"# CPU: {os.cpu_count()} cores visible; torch {torch.__version__}; CUDA: {cuda}")
+    header = f"{'backend':<12} {'device':<6} {'size':<9} {'threads':>7} {'Mpx*it/s':>10} {'vs ref':>8}"
+    header += f" {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    batches = {name: make_batch(name, n, size) for name, n, size in shapes}
+    for name, batch in batches.items():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ref_rate = None
+            for backend in backends:
+                rate, mib = time_backend(backend, batch, min_seconds, min_iters)
+                ref_rate = rate if backend == "reference" else ref_rate
+                mem = f"{mib:9.1f}" if mib is not None else f"{'n/a':>9}"
+                ratio = rate / ref_rate
+                print(f"{backend:<12} {'cpu':<6} {name:<9} {threads:>7} {rate:10.2f} {ratio:7.1f}x {mem}")
+    if cuda:
+        from emcore.finetune.loss_triton import modelled_bytes_per_pixel
+
+        bandwidth = device_bandwidth("cuda")
+        print(f"\n# CUDA {torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+              f"modelled {modelled_bytes_per_pixel(1)} B/px/it (triton, C=1)")  # fmt: skip
+        print(f"{'backend':<12} {'size':<9} {'Mpx*it/s':>10} {'vs ref':>8} {'peak MiB':>9} {'roofline':>9}")
+        for name, batch in batches.items():
+            gpu = batch.to("cuda")
+            ref_rate = None
+            for backend in ("reference", "fused-torch", "triton"):
+                label = "fused" if backend == "fused-torch" else backend
+                rate, mib = time_backend(label, gpu, min_seconds, min_iters)
+                ref_rate = rate if backend == "reference" else ref_rate
+                moved = rate * 1e6 * modelled_bytes_per_pixel(1)
+                roof = moved / bandwidth if backend == "triton" else float("nan")
+                print(f"{backend:<12} {name:<9} {rate:10.1f} {rate / ref_rate:7.1f}x {mib:9.1f} {roof:9.1%}")
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    acc_backends = ["fused-cpp", "fused-torch"]
+    print("\n# float32 relative L2 error on the real 1x512^2 pair (terms = [mse, rigidity, l2] of each item)")
+    print(f"{'backend':<12} {'terms/f32':>10} {'grad/f32':>10} {'terms/f64':>10} {'grad/f64':>10}")
+    acc_batch = batches["1x512^2"]
+    for row in accuracy_rows(acc_batch, acc_backends):
+        print(f"{row[0]:<12} {row[1]:10.2e} {row[2]:10.2e} {row[3]:10.2e} {row[4]:10.2e}")
+    if cuda:
+        for row in accuracy_rows(acc_batch.to("cuda"), ["triton"])[1:]:
+            print(f"{row[0]:<12} {row[1]:10.2e} {row[2]:10.2e} {row[3]:10.2e} {row[4]:10.2e}")
+
+
+if __name__ == "__main__":
+    main()
