@@ -15,74 +15,117 @@ namespace {
 constexpr uint8_t kHasData = 1;
 constexpr uint8_t kDefect = 2;
 
-// One pass per output pixel: bilinear sample of every channel at p + field(p) (zeros outside),
-// the warped source masks, valid(p), w(p), the squared residual and d(sum of squares)/d field.
+// One pass per output row (loop fission inside the row so that every x loop vectorizes):
+//   1. per pixel: the four bilinear taps of p + field(p) (clamped offsets + in-image masks, zeros
+//      outside), the warped source masks, valid(p) and w(p);
+//   2. per channel: the bilinear sample, the residual against tgt, and its x/y derivatives,
+//      accumulated into row buffers;
+//   3. d(sum of squares)/d field = 2 r d(sample)/d(x, y), and the row's partial sums.
+// Invalid pixels get zero tap masks and zero fractions, so no NaN/garbage reaches the sums.
 template <typename T>
 void warp_mse(const T* src, const T* tgt, const T* field, const uint8_t* src_flags,
               const uint8_t* tgt_flags, int64_t N, int64_t C, int64_t H, int64_t W,
               int need_grad, int num_threads, T* grad, T* weight, double* row_sse,
               double* row_count) {
   const int64_t HW = H * W;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t row = 0; row < N * H; ++row) {
-    const int64_t n = row / H, y = row % H;
-    const T* fx = field + n * 2 * HW + y * W;
-    const T* fy = fx + HW;
-    const T* s = src + n * C * HW;
-    const T* t = tgt + n * C * HW + y * W;
-    const uint8_t* sf = src_flags + n * HW;
-    const uint8_t* tf = tgt_flags + n * HW + y * W;
-    T* w_out = weight + n * HW + y * W;
-    T* gx = need_grad ? grad + n * 2 * HW + y * W : nullptr;
-    T* gy = need_grad ? gx + HW : nullptr;
-    double sse = 0.0, count = 0.0;
-    for (int64_t x = 0; x < W; ++x) {
-      const T sx = static_cast<T>(x) + fx[x];
-      const T sy = static_cast<T>(y) + fy[x];
-      const T x0f = std::floor(sx), y0f = std::floor(sy);
-      const T ax = sx - x0f, ay = sy - y0f;  // weights of the x0+1 / y0+1 taps
-      // Out-of-range or NaN positions: all taps outside (the weights then carry NaN/garbage,
-      // but they only ever multiply zeros and the pixel is not valid).
-      const int64_t x0 = (x0f >= -1 && x0f <= static_cast<T>(W - 1)) ? static_cast<int64_t>(x0f) : -2;
-      const int64_t y0 = (y0f >= -1 && y0f <= static_cast<T>(H - 1)) ? static_cast<int64_t>(y0f) : -2;
-      const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 >= 0 && x0 + 1 < W;
-      const bool in_y0 = y0 >= 0, in_y1 = y0 + 1 >= 0 && y0 + 1 < H;
-      const bool m00 = in_y0 && in_x0, m01 = in_y0 && in_x1, m10 = in_y1 && in_x0, m11 = in_y1 && in_x1;
-      const int64_t o00 = y0 * W + x0, o01 = o00 + 1, o10 = o00 + W, o11 = o10 + 1;
-      const T w00 = (1 - ax) * (1 - ay), w01 = ax * (1 - ay), w10 = (1 - ax) * ay, w11 = ax * ay;
-      const uint8_t f00 = m00 ? sf[o00] : 0, f01 = m01 ? sf[o01] : 0;
-      const uint8_t f10 = m10 ? sf[o10] : 0, f11 = m11 ? sf[o11] : 0;
-      const T data = ((f00 & kHasData) ? w00 : T(0)) + ((f01 & kHasData) ? w01 : T(0)) +
-                     ((f10 & kHasData) ? w10 : T(0)) + ((f11 & kHasData) ? w11 : T(0));
-      const bool src_defect = ((f00 & kDefect) && w00 > 0) || ((f01 & kDefect) && w01 > 0) ||
-                              ((f10 & kDefect) && w10 > 0) || ((f11 & kDefect) && w11 > 0);
-      const bool tgt_data = tf[x] & kHasData;
-      const bool defect = (tf[x] & kDefect) || src_defect;
-      w_out[x] = defect ? T(0) : (tgt_data ? T(1) : T(0.001));
-      const bool valid = tgt_data && !defect && data >= T(0.999);
-      if (!valid) {
-        if (need_grad) gx[x] = gy[x] = 0;
-        continue;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<int32_t> off_buf(4 * W);
+    std::vector<T> mask_buf(4 * W), frac_buf(2 * W), valid_buf(W), acc_buf(3 * W);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < N * H; ++row) {
+      const int64_t n = row / H, y = row % H;
+      const T* __restrict__ fx = field + n * 2 * HW + y * W;
+      const T* __restrict__ fy = fx + HW;
+      const uint8_t* __restrict__ sf = src_flags + n * HW;
+      const uint8_t* __restrict__ tf = tgt_flags + n * HW + y * W;
+      T* __restrict__ w_out = weight + n * HW + y * W;
+      int32_t* __restrict__ o00 = off_buf.data();
+      int32_t* __restrict__ o01 = o00 + W;
+      int32_t* __restrict__ o10 = o01 + W;
+      int32_t* __restrict__ o11 = o10 + W;
+      T* __restrict__ m00 = mask_buf.data();
+      T* __restrict__ m01 = m00 + W;
+      T* __restrict__ m10 = m01 + W;
+      T* __restrict__ m11 = m10 + W;
+      T* __restrict__ fracx = frac_buf.data();
+      T* __restrict__ fracy = fracx + W;
+      T* __restrict__ valid = valid_buf.data();
+      T* __restrict__ sse = acc_buf.data();
+      T* __restrict__ dx = sse + W;
+      T* __restrict__ dy = dx + W;
+
+      double count = 0.0;
+#pragma omp simd reduction(+ : count)
+      for (int64_t x = 0; x < W; ++x) {
+        const T sx = static_cast<T>(x) + fx[x];
+        const T sy = static_cast<T>(y) + fy[x];
+        // fmax/fmin map NaN to the bound: far outside or NaN -> both taps outside.
+        const T x0f = std::fmin(std::fmax(std::floor(sx), T(-2)), static_cast<T>(W));
+        const T y0f = std::fmin(std::fmax(std::floor(sy), T(-2)), static_cast<T>(H));
+        const T ax = sx - x0f, ay = sy - y0f;  // weights of the x0+1 / y0+1 taps
+        const int32_t x0 = static_cast<int32_t>(x0f), y0 = static_cast<int32_t>(y0f);
+        const bool in_x0 = x0 >= 0 && x0 < W, in_x1 = x0 + 1 >= 0 && x0 + 1 < W;
+        const bool in_y0 = y0 >= 0 && y0 < H, in_y1 = y0 + 1 >= 0 && y0 + 1 < H;
+        const int32_t cx0 = in_x0 ? x0 : 0, cx1 = in_x1 ? x0 + 1 : 0;
+        const int32_t cy0 = in_y0 ? y0 : 0, cy1 = in_y1 ? y0 + 1 : 0;
+        const int32_t a00 = cy0 * W + cx0, a01 = cy0 * W + cx1, a10 = cy1 * W + cx0, a11 = cy1 * W + cx1;
+        const bool b00 = in_y0 && in_x0, b01 = in_y0 && in_x1, b10 = in_y1 && in_x0, b11 = in_y1 && in_x1;
+        const T w00 = (1 - ax) * (1 - ay), w01 = ax * (1 - ay), w10 = (1 - ax) * ay, w11 = ax * ay;
+        const int f00 = b00 ? sf[a00] : 0, f01 = b01 ? sf[a01] : 0;
+        const int f10 = b10 ? sf[a10] : 0, f11 = b11 ? sf[a11] : 0;
+        const T data = ((f00 & kHasData) ? w00 : T(0)) + ((f01 & kHasData) ? w01 : T(0)) +
+                       ((f10 & kHasData) ? w10 : T(0)) + ((f11 & kHasData) ? w11 : T(0));
+        const bool src_defect = ((f00 & kDefect) && w00 > 0) || ((f01 & kDefect) && w01 > 0) ||
+                                ((f10 & kDefect) && w10 > 0) || ((f11 & kDefect) && w11 > 0);
+        const int t = tf[x];
+        const bool tgt_data = t & kHasData;
+        const bool defect = (t & kDefect) || src_defect;
+        w_out[x] = defect ? T(0) : (tgt_data ? T(1) : T(0.001));
+        const bool ok = tgt_data && !defect && data >= T(0.999);
+        count += ok ? 1.0 : 0.0;
+        valid[x] = ok ? T(1) : T(0);
+        o00[x] = a00;
+        o01[x] = a01;
+        o10[x] = a10;
+        o11[x] = a11;
+        m00[x] = (ok && b00) ? T(1) : T(0);
+        m01[x] = (ok && b01) ? T(1) : T(0);
+        m10[x] = (ok && b10) ? T(1) : T(0);
+        m11[x] = (ok && b11) ? T(1) : T(0);
+        fracx[x] = ok ? ax : T(0);
+        fracy[x] = ok ? ay : T(0);
+        sse[x] = dx[x] = dy[x] = 0;
       }
-      count += 1.0;
-      T acc = 0, dx = 0, dy = 0;
       for (int64_t c = 0; c < C; ++c) {
-        const T* sc = s + c * HW;
-        const T v00 = m00 ? sc[o00] : T(0), v01 = m01 ? sc[o01] : T(0);
-        const T v10 = m10 ? sc[o10] : T(0), v11 = m11 ? sc[o11] : T(0);
-        const T r = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11 - t[c * HW + x];
-        acc += r * r;
-        dx += r * ((1 - ay) * (v01 - v00) + ay * (v11 - v10));
-        dy += r * ((1 - ax) * (v10 - v00) + ax * (v11 - v01));
+        const T* __restrict__ sc = src + (n * C + c) * HW;
+        const T* __restrict__ tc = tgt + (n * C + c) * HW + y * W;
+#pragma omp simd
+        for (int64_t x = 0; x < W; ++x) {
+          const T ax = fracx[x], ay = fracy[x];
+          const T v00 = m00[x] * sc[o00[x]], v01 = m01[x] * sc[o01[x]];
+          const T v10 = m10[x] * sc[o10[x]], v11 = m11[x] * sc[o11[x]];
+          const T sample = (1 - ay) * ((1 - ax) * v00 + ax * v01) + ay * ((1 - ax) * v10 + ax * v11);
+          const T r = valid[x] * (sample - tc[x]);
+          sse[x] += r * r;
+          dx[x] += r * ((1 - ay) * (v01 - v00) + ay * (v11 - v10));
+          dy[x] += r * ((1 - ax) * (v10 - v00) + ax * (v11 - v01));
+        }
       }
-      sse += acc;
       if (need_grad) {
-        gx[x] = 2 * dx;
-        gy[x] = 2 * dy;
+        T* __restrict__ gx = grad + n * 2 * HW + y * W;
+        T* __restrict__ gy = gx + HW;
+#pragma omp simd
+        for (int64_t x = 0; x < W; ++x) {
+          gx[x] = 2 * dx[x];
+          gy[x] = 2 * dy[x];
+        }
       }
+      double total = 0.0;
+      for (int64_t x = 0; x < W; ++x) total += sse[x];
+      row_sse[row] = total;
+      row_count[row] = count;
     }
-    row_sse[row] = sse;
-    row_count[row] = count;
   }
 }
 
