@@ -152,6 +152,19 @@ def test_float32_relative_error_on_real_em(impl: str) -> None:
     assert rel(grad, ref64_grad) < 3 * rel(ref_grad, ref64_grad) + 1e-6
 
 
+@pytest.mark.parametrize("impl", FAST)
+def test_fields_pointing_far_outside_read_nothing(impl: str) -> None:
+    src, tgt, field, masks = _random_case(1, 2, 9, 12, torch.float64, seed=6)
+    field[0, 0, 2, 3] = 1e6
+    field[0, 1, 5, 5] = -1e7
+    field[0, :, 7, 1] = 11.5  # just outside the bottom-right corner
+    ref_terms, ref_grad = _value_and_grad(_terms_fn("reference"), src, tgt, field, masks)
+    terms, grad = _value_and_grad(_terms_fn(impl), src, tgt, field, masks)
+    assert torch.isfinite(terms).all()
+    torch.testing.assert_close(terms, ref_terms, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- analytic cases
 
 ALL = ["reference", *FAST]

@@ -32,7 +32,7 @@ void warp_mse(const T* src, const T* tgt, const T* field, const uint8_t* src_fla
   {
     std::vector<int32_t> off_buf(4 * W);
     std::vector<T> mask_buf(4 * W), frac_buf(2 * W), valid_buf(W), acc_buf(3 * W);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < N * H; ++row) {
       const int64_t n = row / H, y = row % H;
       const T* __restrict__ fx = field + n * 2 * HW + y * W;
@@ -172,7 +172,7 @@ void rigidity(const T* field, const T* weight, int64_t N, int64_t H, int64_t W, 
     // Per-thread row buffers: per-pixel energies (summed in float64 afterwards, keeping the
     // pixel loop free of a serial reduction) and a gradient sink when no gradient is wanted.
     std::vector<T> energy(W), sink_x(W), sink_y(W);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
     for (int64_t row = 0; row < N * H; ++row) {
       const int64_t n = row / H, y = row % H;
       const T* fx = field + n * 2 * HW;
