@@ -275,6 +275,14 @@ def test_only_the_field_gets_a_gradient_and_no_grad_mode_works() -> None:
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+def test_double_backward_is_refused_not_wrong() -> None:
+    src, tgt, field, _ = _random_case(1, 1, 6, 7, torch.float64)
+    f = field.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(alignment_loss(src, tgt, f, backend="fused"), f, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
 def test_cpp_kernels_are_thread_count_independent() -> None:
     src, tgt, field, masks = _random_case(2, 1, 40, 33, torch.float32, seed=5)
     fn = _terms_fn("cpp")

@@ -31,6 +31,8 @@ share the autograd plumbing:
 ``$SECTIONFLOW_FUSED_IMPL`` picks the CPU implementation: ``auto`` (default: C++ if it builds,
 else torch), ``cpp`` (fail if it does not build) or ``torch``.
 
+The Functions are differentiable once (``create_graph=True`` double backward raises).
+
 Non-differentiable points: the bilinear sample has kinks where ``p + field(p)`` crosses an integer
 coordinate; like ``grid_sample`` the derivative there is taken on the side of ``floor``. A spring
 of length 0 gets gradient 0 (as ``torch.linalg.vector_norm``'s).
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from emcore.finetune.loss_reference import DEFECT, HAS_DATA, NEIGHBOURS, LossTerms, neighbour_pairs
 
@@ -125,6 +128,7 @@ class WarpMSE(torch.autograd.Function):
         return mse, weight
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_mse: torch.Tensor, grad_weight: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         return grad * grad_mse.view(-1, 1, 1, 1), None, None, None, None, None
@@ -153,6 +157,7 @@ class RigidityL2(torch.autograd.Function):
         return rigidity, l2
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_rigidity: torch.Tensor, grad_l2: torch.Tensor) -> tuple[Any, ...]:
         field, grad = ctx.saved_tensors
         _, _, h, w = field.shape
