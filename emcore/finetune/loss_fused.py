@@ -18,7 +18,7 @@ protocol), so the CPU kernels here and the Triton kernels of :mod:`emcore.finetu
 share the autograd plumbing:
 
 * :class:`CppKernels` - C++17/OpenMP (``csrc/loss_kernels.cpp``), compiled with ``g++ -O3
-  -march=native -fno-math-errno -fopenmp`` at first use (about 1 s: no torch headers, called
+  -march=native -fno-math-errno -fopenmp`` at first use (1.6 s measured: no torch headers, called
   through ctypes) into a cache directory (``$SECTIONFLOW_KERNEL_CACHE``, default
   ``~/.cache/sectionflow/kernels``), keyed by the source, flags, compiler and CPU, so later
   processes load it at once. Threads:

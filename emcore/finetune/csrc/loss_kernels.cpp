@@ -1,5 +1,5 @@
 // Fused CPU kernels of the finetuner loss (see emcore/finetune/loss_fused.py for the spec and the
-// Python side). Plain C++17 + OpenMP, no torch headers: built with g++ in about a second and
+// Python side). Plain C++17 + OpenMP, no torch headers: built with g++ in a second or two and
 // called through ctypes with raw pointers to contiguous tensors.
 //
 // Layouts (all C-contiguous): src, tgt (N, C, H, W); field, grad (N, 2, H, W) px, channel 0 = x;
