@@ -21,8 +21,8 @@ share the autograd plumbing:
   -march=native -fno-math-errno -fopenmp`` at first use (1.6 s measured: no torch headers, called
   through ctypes) into a cache directory (``$SECTIONFLOW_KERNEL_CACHE``, default
   ``~/.cache/sectionflow/kernels``), keyed by the source, flags, compiler and CPU, so later
-  processes load it at once. Threads:
-  ``torch.get_num_threads()``. Partial sums are per image row in float64, so results do not
+  processes load it at once. Threads: ``torch.get_num_threads()`` (fewer on small inputs).
+  Partial sums are per image row in float64, so results do not
   depend on the thread count.
 * :class:`TorchKernels` - the same analytic formulas in vectorized torch (gathers for the four
   taps, slices for the springs). Used automatically when no C++ compiler works (with a warning)
@@ -313,8 +313,19 @@ def build_cpp_library(*, verbose: bool = False) -> Path:
 _CTYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
 
+#: Below this many pixels the C++ kernels run on one thread (waking OpenMP threads costs more).
+MIN_PIXELS_PER_EXTRA_THREAD = 1 << 15
+
+
+def _num_threads(pixels: int) -> int:
+    return max(1, min(torch.get_num_threads(), pixels // MIN_PIXELS_PER_EXTRA_THREAD))
+
+
 class CppKernels:
-    """The C++/OpenMP kernels, for contiguous CPU float32/float64 tensors."""
+    """The C++/OpenMP kernels, for contiguous CPU float32/float64 tensors.
+
+    Threads: ``torch.get_num_threads()``, fewer on small inputs (one per 32768 pixels).
+    """
 
     def __init__(self, library: Path) -> None:
         self.library = library
@@ -352,7 +363,7 @@ class CppKernels:
         row_count = torch.empty(n, h, dtype=torch.float64)
         getattr(self._lib, f"warp_mse_{suffix}")(
             src.data_ptr(), tgt.data_ptr(), field.data_ptr(), src_flags.data_ptr(), tgt_flags.data_ptr(),
-            n, c, h, w, int(need_grad), torch.get_num_threads(),
+            n, c, h, w, int(need_grad), _num_threads(n * h * w),
             grad.data_ptr() if grad is not None else None, weight.data_ptr(),
             row_sse.data_ptr(), row_count.data_ptr(),
         )  # fmt: skip
@@ -368,7 +379,7 @@ class CppKernels:
         row_energy = torch.empty(n, h, dtype=torch.float64)
         row_sumsq = torch.empty(n, h, dtype=torch.float64)
         getattr(self._lib, f"rigidity_{suffix}")(
-            field.data_ptr(), weight.data_ptr(), n, h, w, int(need_grad), torch.get_num_threads(),
+            field.data_ptr(), weight.data_ptr(), n, h, w, int(need_grad), _num_threads(n * h * w),
             grad.data_ptr() if grad is not None else None, row_energy.data_ptr(), row_sumsq.data_ptr(),
         )  # fmt: skip
         return row_energy.sum(1), row_sumsq.sum(1), grad
