@@ -190,9 +190,10 @@ def _spring(
     ww = wp * wq
     sx = fqx - fpx + DX
     sy = fqy - fpy + DY
-    length = _precise_sqrt(sx * sx + sy * sy)
-    rest = _precise_sqrt(zero + (DX * DX + DY * DY))
-    stretch = length - rest
+    square = sx * sx + sy * sy
+    length = _precise_sqrt(square)
+    rest_square = zero + (DX * DX + DY * DY)
+    stretch = (square - rest_square) / (length + _precise_sqrt(rest_square))  # = length - rest
     positive = length > 0
     k = tl.where(positive, ww * stretch / tl.where(positive, length, zero + 1.0), zero)
     return ww * stretch * stretch, k * sx, k * sy

@@ -150,9 +150,11 @@ inline void springs(const T* __restrict__ fx, const T* __restrict__ fy, const T*
     const int64_t q = p + kDy[k] * W + kDx[k];
     const T ww = wp * w[q];
     const T sx = kDx[k] + fx[q] - fpx, sy = kDy[k] + fy[q] - fpy;
-    const T len = std::sqrt(sx * sx + sy * sy);
-    const T rest = (kDx[k] != 0 && kDy[k] != 0) ? T(1.4142135623730951) : T(1);
-    const T stretch = len - rest;
+    const T square = sx * sx + sy * sy;
+    const T len = std::sqrt(square);
+    const bool diagonal = kDx[k] != 0 && kDy[k] != 0;
+    const T rest = diagonal ? T(1.4142135623730951) : T(1);
+    const T stretch = (square - (diagonal ? T(2) : T(1))) / (len + rest);  // = len - rest, exactly
     e += ww * stretch * stretch;
     const T k2 = len > 0 ? ww * stretch / len : T(0);
     ax += k2 * sx;
