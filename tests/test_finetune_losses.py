@@ -133,7 +133,7 @@ def _real_pair(size: int, shift_px: float) -> tuple[torch.Tensor, torch.Tensor, 
 
 @pytest.mark.parametrize("impl", FAST)
 def test_float32_relative_error_on_real_em(impl: str) -> None:
-    size = 128
+    size = 64 if impl == "triton" else 128  # interpreter: keep Triton inputs tiny (4 blocks)
     src, tgt, field = _real_pair(size, 4.0)
     defects = torch.zeros(1, 1, size, size, dtype=torch.bool)
     defects[..., size // 3 : size // 3 + 3, :] = True  # a crack across the target
