@@ -1,0 +1,183 @@
+"""Accuracy and speed of the online finetuner vs elastix, SOFIMA and the plain autograd reference.
+
+Cases: :mod:`benchmarks.cases` (512 px crops of real EM, known deformations ``smooth``, ``large``,
+``neighbour``, noise sigma 0.2). Residual = ``|recovered - true|`` px over the interior (32 px
+border excluded), :func:`emcore.metrics.field_residual`. Every method runs on one CPU thread
+(``torch.set_num_threads(1)``, elastix ``number_of_threads=1``; JAX as it comes). Peak MiB = peak
+RSS above the start of the call (``benchmarks.bench_kernels.PeakMemory``), one pair.
+
+The plain reference is the published method: one level at full resolution, ``backend="reference"``
+(``grid_sample`` + autograd), ``torch.optim.Adam(lr=0.1)``, ``sm=200``, 2000 iterations. Full mode
+runs it once on the first ``smooth`` pair; ``--quick`` runs it on a 128 px crop for 200 iterations
+and compares throughput in Mpx*it/s (megapixels times iterations per second).
+
+    .venv/bin/python -m benchmarks.bench_finetune           # vnc + medulla, 2 pairs per kind
+    .venv/bin/python -m benchmarks.bench_finetune --quick   # bundled vnc, 1 pair per kind
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from benchmarks.bench_kernels import PeakMemory, return_freed_memory_to_the_os
+from benchmarks.cases import KINDS, Case, make_cases
+from benchmarks.peers import check_conventions, peers, sofima_available
+from emcore.finetune import finetune
+from emcore.finetune.losses import alignment_loss, prepare_masks
+from emcore.metrics import ResidualStats, field_residual
+
+OURS = "sectionflow finetune (defaults)"
+
+
+@dataclass
+class Row:
+    method: str
+    case: Case
+    residual: ResidualStats
+    seconds: float
+
+
+def _ours(case: Case) -> torch.Tensor:
+    return finetune(case.src, case.tgt).field
+
+
+def _as_numpy(image: torch.Tensor) -> np.ndarray:
+    return image[0, 0].numpy()
+
+
+def methods(include_sofima: bool) -> dict[str, Callable[[Case], torch.Tensor]]:
+    out: dict[str, Callable[[Case], torch.Tensor]] = {OURS: _ours}
+    for name, fn in peers(include_sofima).items():
+        out[name] = lambda c, fn=fn: fn(_as_numpy(c.src), _as_numpy(c.tgt))
+    return out
+
+
+def plain_reference(src: torch.Tensor, tgt: torch.Tensor, num_iter: int) -> tuple[torch.Tensor, float]:
+    """The published finetuner: Adam(lr=0.1) on a full-resolution field, sm=200, reference loss."""
+    start = time.perf_counter()
+    masks = prepare_masks(src, tgt)
+    field = torch.zeros(src.shape[0], 2, *src.shape[-2:], requires_grad=True)
+    opt = torch.optim.Adam([field], lr=0.1)
+    for _ in range(num_iter):
+        opt.zero_grad()
+        alignment_loss(src, tgt, field, masks=masks, sm=200.0, backend="reference").backward()
+        opt.step()
+    return field.detach(), time.perf_counter() - start
+
+
+def _warm_up(all_methods: dict[str, Callable[[Case], torch.Tensor]], case: Case) -> None:
+    """Load libraries and build kernels (elastix's lazy modules, the C++ loss, JAX) off the clock."""
+    small = Case(
+        "warm-up", case.kind, case.src[..., :64, :64], case.tgt[..., :64, :64],
+        case.applied[..., :64, :64], case.true[..., :64, :64],
+    )  # fmt: skip
+    for fn in all_methods.values():
+        fn(small)
+
+
+def run(quick: bool, include_sofima: bool = True) -> None:
+    torch.set_num_threads(1)
+    return_freed_memory_to_the_os()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"# bench_finetune{' --quick' if quick else ''}: 512 px pairs, one CPU thread per method; "
+          f"load average {load}")  # fmt: skip
+    if include_sofima and not sofima_available():
+        print("# note: SOFIMA not importable (set SOFIMA_PATH to a dir holding the sofima package and "
+              "install jax): skipped")  # fmt: skip
+        include_sofima = False
+    found = check_conventions(include_sofima=include_sofima)
+    print(f"# conventions (translation +3, -2 px -> aligning field -3, +2): {found}")
+    cases = make_cases(quick)
+    all_methods = methods(include_sofima)
+    _warm_up(all_methods, cases[0])
+
+    rows: list[Row] = []
+    memory: dict[str, float | None] = {}
+    for name, fn in all_methods.items():
+        for i, case in enumerate(cases):
+            meter = PeakMemory("cpu")
+            with meter:
+                start = time.perf_counter()
+                field = fn(case)
+                seconds = time.perf_counter() - start
+            if i == 0:
+                memory[name] = meter.mib
+            rows.append(Row(name, case, field_residual(field, case.true, border=32), seconds))
+
+    print("\n## per pair: median / p95 / max residual px, seconds")
+    print(f"{'method':<34} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7}")
+    for r in rows:
+        res = r.residual
+        print(f"{r.method:<34} {r.case.name:<24} {res.median:7.3f} {res.p95:7.3f} {res.max:7.2f} "
+              f"{r.seconds:7.2f}")  # fmt: skip
+
+    ref_time = statistics.mean(r.seconds for r in rows if r.method == "elastix default")
+    print("\n## summary: mean over pairs of the per-pair median / p95 px; time = mean s per pair")
+    header = f"{'method':<34}" + "".join(f" {k + ' med/p95':>18}" for k in KINDS)
+    header += f" {'s/pair':>7} {'vs elastix default':>19} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in all_methods:
+        line = f"{name:<34}"
+        for kind in KINDS:
+            sel = [r.residual for r in rows if r.method == name and r.case.kind == kind]
+            med = statistics.mean(s.median for s in sel)
+            p95 = statistics.mean(s.p95 for s in sel)
+            line += f" {med:8.3f} / {p95:7.3f}"
+        secs = statistics.mean(r.seconds for r in rows if r.method == name)
+        mib = memory.get(name)
+        mem = f"{mib:9.1f}" if mib is not None else f"{'n/a':>9}"
+        line += f" {secs:7.2f} {ref_time / secs:18.2f}x {mem}"
+        print(line)
+
+    # The plain reference, for the speed ratio.
+    our_rows = [r for r in rows if r.method == OURS]
+    smooth = next(c for c in cases if c.kind == "smooth")
+    if quick:
+        size, iters = 128, 200
+        src, tgt = smooth.src[..., 192:320, 192:320], smooth.tgt[..., 192:320, 192:320]
+        _, secs = plain_reference(src, tgt, iters)
+        ref_rate = size * size * iters / 1e6 / secs
+        result = finetune(smooth.src, smooth.tgt)
+        work = sum(
+            (512 >> mip) ** 2 * int(n) for mip, n in zip(result.mips, result.iterations[:, 0], strict=True)
+        )
+        our_rate = work / 1e6 / result.seconds
+        equiv = 512 * 512 * 2000 / 1e6 / ref_rate
+        ours_s = statistics.mean(r.seconds for r in our_rows)
+        print(f"\n## plain reference (sm=200, Adam lr 0.1, reference backend) on a {size} px crop, "
+              f"{iters} it: {ref_rate:.3f} Mpx*it/s -> 2000 it at 512 px: {equiv:.0f} s")  # fmt: skip
+        its = result.iterations[:, 0].tolist()
+        print(f"## ours: {our_rate:.3f} Mpx*it/s on the smooth pair ({its} it at mips {result.mips}); "
+              f"wall time per pair {ours_s:.2f} s = {equiv / ours_s:.0f}x faster than the plain "
+              "reference's estimated 2000 it")  # fmt: skip
+    else:
+        field, secs = plain_reference(smooth.src, smooth.tgt, 2000)
+        res = field_residual(field, smooth.true, border=32)
+        ours = next(r for r in our_rows if r.case is smooth)
+        print(f"\n## plain reference (sm=200, Adam lr 0.1, 2000 it, reference backend) on {smooth.name}: "
+              f"{res}, {secs:.1f} s; ours on the same pair: {ours.residual}, {ours.seconds:.2f} s "
+              f"= {secs / ours.seconds:.0f}x faster")  # fmt: skip
+
+
+def main(quick: bool | None = None) -> None:
+    if quick is None:
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--quick", action="store_true", help="bundled data, one pair per kind")
+        parser.add_argument("--no-sofima", action="store_true", help="skip SOFIMA even if importable")
+        args = parser.parse_args()
+        run(args.quick, include_sofima=not args.no_sofima)
+    else:
+        run(quick)
+
+
+if __name__ == "__main__":
+    main()

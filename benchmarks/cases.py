@@ -1,0 +1,135 @@
+"""Benchmark cases on real EM: a registered section, a known deformation, the field to recover.
+
+Every case is one pair ``(src, tgt)`` of ``(1, 1, S, S)`` float32 normalized sections (mean 0, std 1
+over tissue, 0 = no data) with ``src = warp(section, applied)`` and the ground truth
+``true = emcore.synthetic.true_alignment_field(applied)`` (``warp(src, true) ~ tgt``), px at mip 0.
+Gaussian noise (sigma 0.2) is added to both images, on data pixels only.
+
+Kinds (``S`` = 512 by default):
+
+* ``smooth``: ``smooth_field(S, S, 2.0)`` (max 2 px, strain ~1.4%); tgt = section z.
+* ``large``: rotation 3 deg + translation (12, -7) px, composed with a smooth 8 px field
+  (``compose(affine, smooth)``: ~30 px at the corners); tgt = section z.
+* ``neighbour``: tgt = section z, src = section z + 1 (already registered to z) warped by the
+  smooth field. The recovered field should still be the known one: anything else is deformation
+  invented from the content difference between neighbours.
+
+Data: the full run uses ``drosophila_vnc_stack1`` (1024 px TIFFs, centre 512 px crop) and
+``drosophila_medulla_fibsem`` (520 px PNGs, centre 512 px crop) from
+``emcore.bundled.shared_data_dir()`` (``$SECTIONFLOW_SHARED_DATA``); ``quick`` uses the bundled
+``data/vnc_stack1`` copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emcore.bundled import load_vnc_sections, shared_data_dir
+from emcore.field import compose, warp
+from emcore.normalize import normalize, section_stats
+from emcore.synthetic import affine_field, smooth_field, true_alignment_field
+
+__all__ = ["KINDS", "Case", "load_sections", "make_case", "make_cases"]
+
+KINDS = ("smooth", "large", "neighbour")
+NOISE_SIGMA = 0.2
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark pair. Images ``(1, 1, S, S)`` float32; fields ``(1, 2, S, S)`` px at mip 0."""
+
+    name: str
+    kind: str
+    src: torch.Tensor
+    tgt: torch.Tensor
+    applied: torch.Tensor
+    true: torch.Tensor
+
+
+def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape
+    if h < size or w < size:
+        raise ValueError(f"section {h}x{w} is smaller than the {size} px crop")
+    y, x = (h - size) // 2, (w - size) // 2
+    return image[y : y + size, x : x + size]
+
+
+def _read(path: Path) -> np.ndarray:
+    if path.suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return np.asarray(tifffile.imread(path))
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def load_sections(dataset: str, indices: list[int], size: int) -> np.ndarray:
+    """``(Z, size, size)`` uint8 centre crops of ``dataset`` ("vnc", "medulla" or "bundled")."""
+    if dataset == "bundled":
+        return np.stack([_centre_crop(s, size) for s in load_vnc_sections(indices)])
+    folder, pattern = {
+        "vnc": ("drosophila_vnc_stack1", "{:02d}.tif"),
+        "medulla": ("drosophila_medulla_fibsem", "{:02d}.png"),
+    }[dataset]
+    root = shared_data_dir() / folder
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root} not found: set SECTIONFLOW_SHARED_DATA to the shared data folder, or use --quick"
+        )
+    return np.stack([_centre_crop(_read(root / pattern.format(i)), size) for i in indices])
+
+
+def _normalized(section: np.ndarray) -> torch.Tensor:
+    stats = section_stats(section)
+    return torch.from_numpy(normalize(section, stats.mean, stats.std)).view(1, 1, *section.shape)
+
+
+def _noisy(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    noise = NOISE_SIGMA * torch.randn(image.shape, generator=gen)
+    out = torch.where(image != 0, image + noise, torch.zeros_like(image))
+    return torch.where((image != 0) & (out == 0), torch.full_like(out, 1e-6), out)
+
+
+def applied_field(kind: str, size: int, seed: int = 0) -> torch.Tensor:
+    """The known deformation of a case kind, ``(1, 2, size, size)`` px."""
+    if kind in ("smooth", "neighbour"):
+        return smooth_field(size, size, 2.0, seed=seed)
+    if kind == "large":
+        affine = affine_field(size, size, rotation_deg=3.0, translation=(12.0, -7.0))
+        return compose(affine, smooth_field(size, size, 8.0, seed=seed))
+    raise ValueError(f"unknown case kind {kind!r}; expected one of {KINDS}")
+
+
+def make_case(kind: str, section: np.ndarray, next_section: np.ndarray | None, name: str, seed: int) -> Case:
+    """Build one case from ``(S, S)`` uint8 sections (``next_section`` for ``neighbour``)."""
+    size = section.shape[0]
+    applied = applied_field(kind, size, seed=seed)
+    tgt = _normalized(section)
+    moving = tgt if kind != "neighbour" else _normalized(next_section)
+    src = warp(moving, applied)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    true = true_alignment_field(applied, border=32)
+    return Case(name, kind, _noisy(src, gen), _noisy(tgt, gen), applied, true)
+
+
+def make_cases(quick: bool, *, size: int = 512, pairs: int = 2, kinds: tuple[str, ...] = KINDS) -> list[Case]:
+    """The benchmark cases: ``pairs`` sections per dataset and kind (quick: 1, bundled data)."""
+    datasets = ["bundled"] if quick else ["vnc", "medulla"]
+    pairs = 1 if quick else pairs
+    cases = []
+    for dataset in datasets:
+        zs = [2 * i for i in range(pairs)]
+        stack = load_sections(dataset, sorted({z for z in zs} | {z + 1 for z in zs}), size)
+        index = {z: i for i, z in enumerate(sorted({z for z in zs} | {z + 1 for z in zs}))}
+        for kind in kinds:
+            for k, z in enumerate(zs):
+                cases.append(
+                    make_case(kind, stack[index[z]], stack[index[z + 1]], f"{dataset} z{z} {kind}", seed=k)
+                )
+    return cases

@@ -1,0 +1,178 @@
+"""Coarse-to-fine schedule: run the Adam finetuner over a mip pyramid, coarsest level first.
+
+Why: Adam moves a field by about ``lr`` px per step and the loss only sees misalignments within
+the bilinear footprint, so a single run at full resolution needs many steps and can't capture shifts
+much beyond ~2 px. On a pyramid (e.g. mips 3, 2, 1, 0 relative to the input: 8x, 4x, 2x, 1x
+downsampled) a 30 px shift is ~4 px at the coarsest level, and most iterations run on small
+images.
+
+Per level (all in px at that level's mip):
+
+1. images: ``emcore.pyramid.downsample_image`` (2x2 mean over data pixels, 0 = no data kept), defect
+   masks: ``emcore.pyramid.downsample_mask`` (max), both applied once per mip step;
+2. the starting field is the previous level's result upsampled with
+   :func:`emcore.field.resample_field` (values x2 per mip) - or, at the first level, ``init_field``
+   downsampled with it (2x2 mean, values halved per mip);
+3. :func:`emcore.finetune.optimizer.adam_finetune` with that level's settings.
+
+The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
+
+Shapes: ``H`` and ``W`` must be divisible by ``2 ** max(mip)``; :func:`pyramid_mips` picks the
+mips that fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from emcore.field import resample_field
+from emcore.finetune.losses import prepare_masks
+from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
+from emcore.pyramid import downsample_image, downsample_mask
+
+__all__ = ["Level", "coarse_to_fine", "downsample_images", "downsample_masks", "pyramid_mips"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level of the schedule; ``None`` settings take the call's defaults.
+
+    Attributes:
+        mip: downsampling relative to the input (0 = input resolution, ``k`` = ``2**k`` times
+            smaller).
+        num_iter, lr, patience, max_halvings: :class:`~emcore.finetune.optimizer.AdamSchedule`
+            settings for this level (``lr`` in px at this level's mip; ``None``: the base lr
+            times ``2**mip``, i.e. the base lr is the step at mip 0).
+        sm: rigidity weight for this level.
+    """
+
+    mip: int
+    num_iter: int | None = None
+    lr: float | None = None
+    patience: int | None = None
+    max_halvings: int | None = None
+    sm: float | None = None
+
+    def schedule(self, base: AdamSchedule) -> AdamSchedule:
+        """``base`` with this level's non-``None`` settings (lr: ``base.lr * 2**mip`` if ``None``)."""
+        names = ("num_iter", "patience", "max_halvings")
+        changes: dict[str, float] = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        changes["lr"] = base.lr * 2**self.mip if self.lr is None else self.lr
+        return replace(base, **changes)
+
+
+def pyramid_mips(height: int, width: int, levels: int, *, min_size: int = 16) -> tuple[int, ...]:
+    """Mips ``(k, ..., 1, 0)`` for ``levels`` levels, fewer if the image can't be halved that often.
+
+    A mip ``k`` is used only if ``height`` and ``width`` are divisible by ``2**k`` and the level is
+    at least ``min_size`` px on its shorter side (16 px: a 10 px shift of a 128 px crop is
+    recovered from mip 3, not from mip 2, where it is still 2.5 px). Always includes mip 0.
+    """
+    if not (isinstance(levels, int) and levels >= 1):
+        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
+    top = 0
+    while (
+        top + 1 < levels
+        and height % 2 ** (top + 1) == 0
+        and width % 2 ** (top + 1) == 0
+        and min(height, width) // 2 ** (top + 1) >= min_size
+    ):
+        top += 1
+    return tuple(range(top, -1, -1))
+
+
+def downsample_images(images: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` float images -> one mip coarser (``emcore.pyramid.downsample_image``)."""
+    out = downsample_image(images.detach().cpu().numpy())
+    return torch.from_numpy(np.ascontiguousarray(out)).to(images.device)
+
+
+def downsample_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` defect masks -> one mip coarser, bool (max of each 2x2 block)."""
+    out = downsample_mask((masks.detach() != 0).cpu().numpy())
+    return torch.from_numpy(np.ascontiguousarray(out)).to(masks.device)
+
+
+def _check_levels(levels: Sequence[Level], height: int, width: int) -> None:
+    if not levels:
+        raise ValueError("levels must hold at least one Level")
+    mips = [lv.mip for lv in levels]
+    decreasing = all(a > b for a, b in zip(mips, mips[1:], strict=False))
+    if any(not isinstance(m, int) or m < 0 for m in mips) or not decreasing:
+        raise ValueError(f"level mips must be ints >= 0, strictly decreasing (coarse to fine), got {mips}")
+    factor = 2 ** mips[0]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"images {height}x{width} are not divisible by {factor} for a level at mip {mips[0]}: "
+            "use fewer levels (see pyramid_mips) or pad the chunk"
+        )
+
+
+def coarse_to_fine(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    init_field: torch.Tensor,
+    *,
+    levels: Sequence[Level],
+    base: AdamSchedule,
+    sm: float,
+    l2_weight: float = 1e-4,
+    src_defects: torch.Tensor | None = None,
+    tgt_defects: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_every: int | None = None,
+) -> tuple[torch.Tensor, list[LevelOutcome]]:
+    """Run :func:`~emcore.finetune.optimizer.adam_finetune` over ``levels`` (coarsest first).
+
+    Args:
+        src, tgt: ``(N, C, H, W)`` float images at the input mip (0 = no data), validated.
+        init_field: ``(N, 2, H, W)`` starting field, px at the input mip.
+        levels: the schedule, mips strictly decreasing.
+        base: Adam settings used where a level leaves them ``None``.
+        sm: rigidity weight where a level leaves ``sm`` ``None``.
+        src_defects, tgt_defects: optional ``(N, 1, H, W)`` defect masks (nonzero = defect).
+
+    Returns:
+        ``(field, outcomes)``: the ``(N, 2, H, W)`` field in px at the input mip and one
+        :class:`~emcore.finetune.optimizer.LevelOutcome` per level (fields at the level's mip).
+    """
+    _check_levels(levels, src.shape[-2], src.shape[-1])
+    # Pyramid: one entry per mip 0..top.
+    pyramid = [(src, tgt, src_defects, tgt_defects)]
+    for _ in range(levels[0].mip):
+        s, t, sd, td = pyramid[-1]
+        pyramid.append(
+            (
+                downsample_images(s),
+                downsample_images(t),
+                None if sd is None else downsample_masks(sd),
+                None if td is None else downsample_masks(td),
+            )
+        )
+
+    field = resample_field(init_field, 0, levels[0].mip)
+    outcomes: list[LevelOutcome] = []
+    mip = levels[0].mip
+    for level in levels:
+        field = resample_field(field, mip, level.mip)
+        mip = level.mip
+        s, t, sd, td = pyramid[mip]
+        masks = prepare_masks(s, t, src_defects=sd, tgt_defects=td)
+        outcome = adam_finetune(
+            s,
+            t,
+            field,
+            masks=masks,
+            sm=sm if level.sm is None else level.sm,
+            l2_weight=l2_weight,
+            schedule=level.schedule(base),
+            backend=backend,
+            check_every=check_every,
+        )
+        outcomes.append(outcome)
+        field = outcome.field
+    return resample_field(field, mip, 0), outcomes

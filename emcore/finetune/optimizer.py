@@ -1,0 +1,183 @@
+"""Adam on a displacement field, with a per-item plateau schedule and early stop (one pyramid level).
+
+What it does
+------------
+Minimizes :func:`emcore.finetune.losses.alignment_loss` over a batch of fields ``(N, 2, H, W)`` (px at
+the images' mip, :mod:`emcore.field` convention) with Adam. Every batch item has its own schedule:
+
+* its learning rate (px per step) starts at ``lr`` and halves when its loss has not improved by a
+  relative ``rel_tol`` for ``patience`` consecutive iterations;
+* it stops (its field is frozen) after ``max_halvings`` halvings, i.e. at the plateau that would
+  need one more halving, or when ``num_iter`` loss evaluations are reached;
+* the field returned is the best one seen (lowest loss), and ``loss`` is its loss.
+
+Items in a batch do not influence each other: a batch run gives each item the field that a single
+run gives it (tested), so one hard pair does not keep easy ones iterating or vice versa.
+
+No host synchronization per iteration: the schedule state lives in tensors and is updated with
+``torch.where``; the loop asks the device whether every item has stopped only every ``check_every``
+iterations. Freezing happens on the device at the exact iteration an item stops, so the result does
+not depend on ``check_every`` (only the wall time does).
+
+Counting: ``iterations`` is the number of loss evaluations of an item; ``n`` evaluations make at
+most ``n - 1`` Adam steps (no step after the last evaluation, so the returned loss always belongs to
+a field that was evaluated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from emcore.finetune.losses import LossMasks, alignment_loss
+
+__all__ = ["AdamSchedule", "LevelOutcome", "adam_finetune"]
+
+
+@dataclass(frozen=True)
+class AdamSchedule:
+    """Settings of one Adam run (one pyramid level). The defaults are the measured ones that
+    :func:`emcore.finetune.finetune` uses (sweep in benchmarks/README.md).
+
+    Attributes:
+        num_iter: most loss evaluations per item (>= 1).
+        lr: initial Adam learning rate in px (at the level's mip) per step (> 0).
+        patience: iterations without a relative improvement of ``rel_tol`` before the lr halves.
+        max_halvings: the item stops when its lr would halve for the ``max_halvings + 1``-th time.
+        rel_tol: an iteration "improves" when ``loss < best * (1 - rel_tol)``.
+        betas, eps: Adam's constants.
+    """
+
+    num_iter: int = 2000
+    lr: float = 0.01
+    patience: int = 20
+    max_halvings: int = 3
+    rel_tol: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_iter, int) and self.num_iter >= 1):
+            raise ValueError(f"num_iter must be an int >= 1, got {self.num_iter!r}")
+        if not (isinstance(self.patience, int) and self.patience >= 1):
+            raise ValueError(f"patience must be an int >= 1, got {self.patience!r}")
+        if not (isinstance(self.max_halvings, int) and self.max_halvings >= 0):
+            raise ValueError(f"max_halvings must be an int >= 0, got {self.max_halvings!r}")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (0 <= self.rel_tol < 1):
+            raise ValueError(f"rel_tol must be in [0, 1), got {self.rel_tol!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas!r}")
+
+
+@dataclass(frozen=True)
+class LevelOutcome:
+    """Result of :func:`adam_finetune`.
+
+    Attributes:
+        field: ``(N, 2, H, W)`` best field per item (px at the level's mip), detached.
+        loss: ``(N,)`` loss of that field.
+        iterations: ``(N,)`` int64 loss evaluations per item.
+        halvings: ``(N,)`` int64 lr halvings per item (``max_halvings + 1`` = stopped on a plateau).
+    """
+
+    field: torch.Tensor
+    loss: torch.Tensor
+    iterations: torch.Tensor
+    halvings: torch.Tensor
+
+
+def adam_finetune(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    field: torch.Tensor,
+    *,
+    masks: LossMasks,
+    sm: float,
+    l2_weight: float = 1e-4,
+    schedule: AdamSchedule | None = None,
+    backend: str = "auto",
+    check_every: int | None = None,
+) -> LevelOutcome:
+    """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
+
+    Args:
+        src, tgt: ``(N, C, H, W)`` float images or encodings (0 = no data), already validated.
+        field: ``(N, 2, H, W)`` starting field, px at the images' mip (not modified).
+        masks: :func:`emcore.finetune.losses.prepare_masks` of the pair (defects included).
+        sm: rigidity weight; ``l2_weight``: weight of the field's mean square.
+        schedule: :class:`AdamSchedule` (default settings when ``None``).
+        backend: loss backend (see :func:`emcore.finetune.losses.alignment_loss`).
+        check_every: iterations between "has every item stopped?" checks (the only host sync);
+            default 1 on CPU, 50 on other devices. Does not change the result.
+
+    Returns:
+        :class:`LevelOutcome`.
+    """
+    s = schedule or AdamSchedule()
+    if check_every is None:
+        check_every = 1 if field.device.type == "cpu" else 50
+    n = field.shape[0]
+    dev, dtype = field.device, field.dtype
+    beta1, beta2 = s.betas
+
+    current = field.detach().clone()
+    best_field = current.clone()
+    best_loss = torch.full((n,), math.inf, dtype=dtype, device=dev)
+    plateau_ref = torch.full((n,), math.inf, dtype=dtype, device=dev)
+    since = torch.zeros(n, dtype=torch.int64, device=dev)
+    halvings = torch.zeros(n, dtype=torch.int64, device=dev)
+    iterations = torch.zeros(n, dtype=torch.int64, device=dev)
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    lr = torch.full((n,), float(s.lr), dtype=dtype, device=dev)
+    m = torch.zeros_like(current)
+    v = torch.zeros_like(current)
+
+    def per_pixel(t: torch.Tensor) -> torch.Tensor:
+        return t.view(n, 1, 1, 1)
+
+    for it in range(s.num_iter):
+        f = current.requires_grad_(True)
+        loss = alignment_loss(
+            src, tgt, f, masks=masks, sm=sm, l2_weight=l2_weight, backend=backend, reduction="none"
+        )
+        (grad,) = torch.autograd.grad(loss.sum(), f)
+        current = f.detach()
+        loss = loss.detach()
+        if it == 0 and not bool(torch.isfinite(loss).all()):
+            raise FloatingPointError("the alignment loss is not finite at the starting field")
+
+        iterations += active.to(torch.int64)
+        # Best field so far (the one just evaluated, before this iteration's step).
+        better = active & (loss < best_loss)
+        best_loss = torch.where(better, loss, best_loss)
+        best_field = torch.where(per_pixel(better), current, best_field)
+        # Plateau schedule.
+        improved = loss < plateau_ref * (1.0 - s.rel_tol)
+        plateau_ref = torch.where(active & improved, loss, plateau_ref)
+        since = torch.where(improved, torch.zeros_like(since), since + 1)
+        halve = active & (since >= s.patience)
+        lr = torch.where(halve, lr * 0.5, lr)
+        halvings = halvings + halve.to(torch.int64)
+        since = torch.where(halve, torch.zeros_like(since), since)
+        active = active & (halvings <= s.max_halvings)
+        if it == s.num_iter - 1:
+            break
+        # Adam step for the items still running (all of them have taken the same number of steps).
+        step = per_pixel(active)
+        t = it + 1
+        m = torch.where(step, beta1 * m + (1.0 - beta1) * grad, m)
+        v = torch.where(step, beta2 * v + (1.0 - beta2) * grad.square(), v)
+        m_hat = m / (1.0 - beta1**t)
+        v_hat = v / (1.0 - beta2**t)
+        update = per_pixel(lr) * m_hat / (v_hat.sqrt() + s.eps)
+        current = torch.where(step, current - update, current)
+        if (it + 1) % check_every == 0 and not bool(active.any()):
+            break
+
+    return LevelOutcome(best_field, best_loss, iterations, halvings)

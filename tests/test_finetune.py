@@ -1,0 +1,176 @@
+"""The online finetuner (emcore.finetune): recovery of known deformations of real EM crops, the
+coarse-to-fine pyramid, defects, batching, early stop, input validation and determinism.
+
+Small crops (64-128 px) of the bundled VNC sections, few iterations: the whole module runs in
+seconds. Accuracy at benchmark scale is measured in benchmarks/bench_finetune.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emcore.field import warp
+from emcore.finetune import FinetuneResult, Level, finetune
+from emcore.finetune.coarse_to_fine import pyramid_mips
+from emcore.metrics import field_residual
+from emcore.normalize import normalize, section_stats
+from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
+
+# The production path (fused C++ kernels on CPU); the kernels' own tests check it against the reference.
+BACKEND = "auto"
+
+
+def _section(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
+    """A normalized ``(1, 1, size, size)`` float32 crop of bundled section ``z``."""
+    crop = vnc_sections[z, y : y + size, x : x + size]
+    stats = section_stats(crop)
+    return torch.from_numpy(normalize(crop, stats.mean, stats.std)).view(1, 1, size, size)
+
+
+def _pair(tgt: torch.Tensor, applied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(src, tgt, true)``: ``src = warp(tgt, applied)``, ``true`` aligns src back onto tgt."""
+    return warp(tgt, applied), tgt, true_alignment_field(applied, border=8)
+
+
+def test_recovers_small_smooth_deformation(vnc_sections: np.ndarray) -> None:
+    size = 128
+    tgt = _section(vnc_sections, 0, size)
+    src, tgt, true = _pair(tgt, smooth_field(size, size, 1.5, grid=3, seed=1))
+    before = field_residual(torch.zeros_like(true), true, border=16)
+    result = finetune(src, tgt, levels=2, num_iter=300, backend=BACKEND)
+    after = field_residual(result.field, true, border=16)
+    assert isinstance(result, FinetuneResult)
+    assert result.field.shape == (1, 2, size, size) and result.field.dtype == torch.float32
+    assert before.median > 0.5
+    assert after.median < 0.15 and after.p95 < 0.3, after
+
+
+def test_coarse_to_fine_recovers_10px_shift(vnc_sections: np.ndarray) -> None:
+    size = 128
+    tgt = _section(vnc_sections, 1, size)
+    src, tgt, true = _pair(tgt, affine_field(size, size, translation=(10.0, -6.0)))
+    result = finetune(src, tgt, num_iter=300, backend=BACKEND)
+    assert result.mips == (3, 2, 1, 0)
+    assert result.iterations.shape == (4, 1)
+    err = field_residual(result.field, true, border=16)
+    assert err.median < 0.2 and err.p95 < 0.4, err
+
+
+def test_single_level_cannot_recover_10px_shift(vnc_sections: np.ndarray) -> None:
+    """Why the pyramid exists: without it the same shift is not found."""
+    size = 64
+    tgt = _section(vnc_sections, 1, size)
+    src, tgt, true = _pair(tgt, affine_field(size, size, translation=(10.0, -6.0)))
+    result = finetune(src, tgt, levels=1, num_iter=100, backend=BACKEND)
+    assert field_residual(result.field, true, border=12).median > 3.0
+
+
+def test_defects_let_the_field_tear_at_a_fold(vnc_sections: np.ndarray) -> None:
+    size = 128
+    tgt = _section(vnc_sections, 2, size)
+    applied, fold_mask = fold_field(size, size, angle_deg=30.0, fold_width_px=6.0)
+    src = warp(tgt, applied)
+    src_defects = fold_mask  # the repeated band, in the deformed (source) frame
+    result = finetune(src, tgt, src_defects=src_defects, backend=BACKEND)
+    # The aligning field: 0 before the fold line, +6 px along its normal beyond the band.
+    theta = np.radians(30.0)
+    normal = torch.tensor([np.cos(theta), np.sin(theta)], dtype=torch.float32).view(1, 2, 1, 1)
+    centred = torch.arange(size) - (size - 1) / 2
+    ys, xs = torch.meshgrid(centred, centred, indexing="ij")
+    d = (xs * normal[0, 0] + ys * normal[0, 1]).view(1, 1, size, size)
+    expected = torch.where(d >= 0, 6.0 * normal, torch.zeros_like(normal))
+    near = d < -8
+    far = d > 6 + 8
+    err_near = field_residual(result.field, expected, border=12, mask=near)
+    err_far = field_residual(result.field, expected, border=12, mask=far)
+    assert err_near.median < 0.3 and err_near.p95 < 0.6, err_near
+    assert err_far.median < 0.3 and err_far.p95 < 0.6, err_far
+
+
+def _two_pairs(vnc_sections: np.ndarray, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    easy_tgt = _section(vnc_sections, 0, size)
+    hard_tgt = _section(vnc_sections, 3, size, y=200, x=600)
+    easy_src = warp(easy_tgt, affine_field(size, size, translation=(0.5, 0.0)))
+    hard_src = warp(hard_tgt, smooth_field(size, size, 2.0, seed=3))
+    return torch.cat([easy_src, hard_src]), torch.cat([easy_tgt, hard_tgt])
+
+
+def test_batch_equals_single_runs(vnc_sections: np.ndarray) -> None:
+    src, tgt = _two_pairs(vnc_sections)
+    kwargs = dict(levels=2, num_iter=150, patience=10, max_halvings=2, backend=BACKEND)
+    batch = finetune(src, tgt, **kwargs)
+    singles = [finetune(src[i : i + 1], tgt[i : i + 1], **kwargs) for i in range(2)]
+    for i, single in enumerate(singles):
+        assert torch.equal(batch.iterations[:, i], single.iterations[:, 0])
+        torch.testing.assert_close(batch.field[i : i + 1], single.field, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch.loss[i : i + 1], single.loss, rtol=1e-5, atol=1e-7)
+    # Per-item schedules: the two items did not run the same number of iterations.
+    assert not torch.equal(batch.iterations[:, 0], batch.iterations[:, 1])
+
+
+def test_early_stop_on_identical_pair(vnc_sections: np.ndarray) -> None:
+    img = _section(vnc_sections, 0, 64)
+    result = finetune(img, img.clone(), levels=2, num_iter=500, patience=5, max_halvings=1, backend=BACKEND)
+    assert int(result.iterations.max()) < 50, result.iterations
+    assert float(result.field.abs().max()) < 0.05
+
+
+def test_deterministic_reruns(vnc_sections: np.ndarray) -> None:
+    src, tgt = _two_pairs(vnc_sections)
+    runs = [finetune(src, tgt, levels=2, num_iter=40, backend=BACKEND) for _ in range(2)]
+    assert torch.equal(runs[0].field, runs[1].field)
+    assert torch.equal(runs[0].loss, runs[1].loss)
+    assert torch.equal(runs[0].iterations, runs[1].iterations)
+
+
+def test_all_zero_item_is_returned_unchanged_and_flagged(vnc_sections: np.ndarray) -> None:
+    src, tgt = _two_pairs(vnc_sections, size=32)
+    src[1] = 0.0
+    init = torch.full((2, 2, 32, 32), 0.25)
+    result = finetune(src, tgt, init_field=init, levels=1, num_iter=20, backend=BACKEND)
+    assert result.no_data.tolist() == [False, True]
+    assert torch.equal(result.field[1], init[1])
+    assert torch.isnan(result.loss[1]) and not torch.isnan(result.loss[0])
+    assert result.iterations[:, 1].tolist() == [0]
+    assert int(result.iterations[0, 0]) > 0
+
+
+def test_explicit_levels_and_pyramid_mips() -> None:
+    assert pyramid_mips(512, 512, 4) == (3, 2, 1, 0)
+    assert pyramid_mips(96, 96, 4) == (2, 1, 0)  # 24 px at mip 2; mip 3 would be 12 < 16 px
+    assert pyramid_mips(100, 64, 4) == (2, 1, 0)  # 100 is not divisible by 8
+    assert pyramid_mips(512, 512, 1) == (0,)
+    img = torch.rand(1, 1, 64, 64) + 0.1
+    result = finetune(img, img, levels=[Level(1, num_iter=3), Level(0, num_iter=2)], backend=BACKEND)
+    assert result.mips == (1, 0)
+    assert result.iterations[:, 0].tolist() == [3, 2]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, t, k: k.update(src=s.double()), "src must be float32"),
+        (lambda s, t, k: k.update(tgt=t[:, :, :16]), "same shape"),
+        (lambda s, t, k: k.update(src=s[0]), r"src must have shape \(N, C, H, W\)"),
+        (lambda s, t, k: s.__setitem__((0, 0, 3, 3), float("nan")), "src contains NaN or inf"),
+        (lambda s, t, k: t.__setitem__((0, 0, 3, 3), float("inf")), "tgt contains NaN or inf"),
+        (lambda s, t, k: k.update(init_field=torch.zeros(1, 2, 16, 16)), "init_field must be"),
+        (lambda s, t, k: k.update(init_field=torch.full((1, 2, 32, 32), float("nan"))), "init_field cont"),
+        (lambda s, t, k: k.update(src_defects=torch.zeros(1, 2, 32, 32)), "src_defects must be"),
+        (lambda s, t, k: k.update(levels=[Level(0), Level(1)]), "strictly decreasing"),
+        (lambda s, t, k: k.update(levels=[Level(6)]), "not divisible by 64"),
+        (lambda s, t, k: k.update(lr=-1.0), "lr must be"),
+        (lambda s, t, k: k.update(num_iter=0), "num_iter must be"),
+        (lambda s, t, k: k.update(sm=float("nan")), "sm must be"),
+        (lambda s, t, k: k.update(backend="gpu"), "backend must be one of"),
+    ],
+)
+def test_invalid_inputs_raise_clear_errors(change, message: str) -> None:
+    src = torch.rand(1, 1, 32, 32) + 0.1
+    tgt = torch.rand(1, 1, 32, 32) + 0.1
+    kwargs: dict = {"src": src, "tgt": tgt}
+    change(src, tgt, kwargs)
+    with pytest.raises(ValueError, match=message):
+        finetune(kwargs.pop("src"), kwargs.pop("tgt"), num_iter=kwargs.pop("num_iter", 2), **kwargs)
