@@ -746,9 +746,10 @@ def coarse_align(
             reason = f"only {num_patches} of {len(corners)} patches correlate reliably (need {min_inliers})"
             break
         pts = centres[good]
-        # Displacement at the patch centre: current model + residual patch shift.
-        current = _predict(matrix, pts)
-        disp = current + torch.tensor([[ests[i].dx, ests[i].dy] for i in good], dtype=torch.float64)
+        # tgt(c) ~ moved(c + d) = src(c + d + f(c + d)): the displacement at the patch centre c is
+        # d + f(c + d) for the current model f.
+        shift = torch.tensor([[ests[i].dx, ests[i].dy] for i in good], dtype=torch.float64)
+        disp = shift + _predict(matrix, pts + shift)
         weights = torch.tensor([max(ests[i].peak, 1e-3) for i in good], dtype=torch.float64)
         new_matrix, inliers = _robust_fit(pts, disp, weights, model, thr)
         num_inliers = int(inliers.sum())
