@@ -15,6 +15,14 @@ convention: ``warped = warp(src, field)``, bilinear, zeros outside). Per batch i
   / (H W)``: springs leaving the image are absent; each spring is counted from both ends.
 * ``l2 = mean over (2, H, W) of field^2``.
 
+Known difference from the fast backends: ``grid_sample``'s normalized coordinates are rounded in
+float32, so for widths/heights that are not powers of two a position that is exactly on a pixel
+(e.g. the identity field) is read ~1e-5 px off. A neighbouring source defect then gets a tiny
+positive bilinear weight and ``warp(src_defect) > 0`` marks the pixel as a defect here, while the
+fused/Triton kernels (exact ``p + field(p)``) do not: at the identity field on 520 px wide
+sections this reference dilates source defects by one pixel on one side (measured: 411 warped
+defect pixels for 339 set). Values and gradients agree everywhere else.
+
 Everything here is written the obvious way (``emcore.field.warp`` = ``grid_sample``, eight
 shifted slices for the springs) and differentiated by autograd.
 """
