@@ -3,11 +3,12 @@
 Same loss as :mod:`emcore.finetune.loss_reference` (read that docstring for the spec), computed
 without an autograd graph:
 
-* :class:`WarpMSE` - one pass over the output pixels: the bilinear sample of every channel at
+* :class:`WarpMSE` - one sweep over the output pixels: the bilinear sample of every channel at
   ``p + field(p)`` and its x/y derivatives, the warped source has-data/defect masks, ``valid(p)``
-  and ``w(p)``, the residual, and ``d mse / d field``. The gradient is computed in the forward pass
-  (the tap values are already in registers) and saved; backward only scales it by the incoming
-  gradient. ``w`` is returned as a non-differentiable second output for the rigidity term.
+  and ``w(p)``, the residual, and ``d mse / d field`` (the C++ kernel goes row by row, splitting
+  each row into vectorizable passes over row buffers that stay in L1). The gradient is computed
+  in the forward pass (the tap values are already loaded) and saved; backward only scales it by
+  the incoming gradient. ``w`` is returned as a non-differentiable second output for the rigidity term.
 * :class:`RigidityL2` - one pass over the pixels with their 8 springs: the spring energy and its
   gradient, written as a gather (each spring appears from both ends and ``d energy / d spring`` is
   odd, so ``grad(p) = -4 sum_d w(p) w(p+d) (|s| - |d|) s / |s|`` with ``s = d + field(p+d) -
@@ -23,8 +24,7 @@ share the autograd plumbing:
   through ctypes) into a cache directory (``$SECTIONFLOW_KERNEL_CACHE``, default
   ``~/.cache/sectionflow/kernels``), keyed by the source, flags, compiler and CPU, so later
   processes load it at once. Threads: ``torch.get_num_threads()`` (fewer on small inputs).
-  Partial sums are per image row in float64, so results do not
-  depend on the thread count.
+  Partial sums are per image row in float64, so results do not depend on the thread count.
 * :class:`TorchKernels` - the same analytic formulas in vectorized torch (gathers for the four
   taps, slices for the springs). Used automatically when no C++ compiler works (with a warning)
   and for non-CPU tensors.
