@@ -154,6 +154,20 @@ def test_float32_relative_error_on_real_em(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 1, 5), (2, 3, 5, 1), (1, 1, 2, 2)])
+def test_degenerate_shapes_match_reference(impl: str, shape: tuple[int, int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(7)
+    src = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1
+    tgt = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1
+    field = torch.randn(shape[0], 2, *shape[2:], generator=gen, dtype=torch.float64) * 0.4
+    masks = prepare_masks(src, tgt)
+    ref_terms, ref_grad = _value_and_grad(_terms_fn("reference"), src, tgt, field, masks)
+    terms, grad = _value_and_grad(_terms_fn(impl), src, tgt, field, masks)
+    torch.testing.assert_close(terms, ref_terms, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", FAST)
 def test_fields_pointing_far_outside_read_nothing(impl: str) -> None:
     src, tgt, field, masks = _random_case(1, 2, 9, 12, torch.float64, seed=6)
     field[0, 0, 2, 3] = 1e6
