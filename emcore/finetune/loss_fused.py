@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from emcore.finetune.loss_reference import DEFECT, HAS_DATA, NEIGHBOURS, LossTerms, neighbour_pairs
@@ -184,51 +185,47 @@ class TorchKernels:
         need_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         n, c, h, w = src.shape
+        hw, row = h * w, w + 2  # images are padded by one zero pixel: every tap is a valid index
         dtype, device = field.dtype, field.device
         sx = torch.arange(w, dtype=dtype, device=device).view(1, 1, w) + field[:, 0]
         sy = torch.arange(h, dtype=dtype, device=device).view(1, h, 1) + field[:, 1]
         x0f, y0f = sx.floor(), sy.floor()
-        ax, ay = sx - x0f, sy - y0f
-        # Far outside (or NaN): park at -2 so that both taps are outside.
-        x0 = torch.nan_to_num(x0f, nan=-2.0).clamp(-2, w).long()
-        y0 = torch.nan_to_num(y0f, nan=-2.0).clamp(-2, h).long()
-        taps = []  # (offset, inside, weight) for 00, 01, 10, 11 (row, column)
-        for dy, wy in ((0, 1 - ay), (1, ay)):
-            for dx, wx in ((0, 1 - ax), (1, ax)):
-                yy, xx = y0 + dy, x0 + dx
-                inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-                offset = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).view(n, 1, h * w)
-                taps.append((offset, inside, wy * wx))
+        # Positions with a tap in the image; the others (and NaN) read the padding corner with
+        # weight 1 (no data: such pixels are never valid, their residual is 0).
+        near = (x0f >= -1) & (x0f <= w - 1) & (y0f >= -1) & (y0f <= h - 1)
+        ax = torch.where(near, sx - x0f, 0.0).view(n, 1, hw)
+        ay = torch.where(near, sy - y0f, 0.0).view(n, 1, hw)
+        corner = torch.where(near, (y0f + 1) * row + (x0f + 1), 0.0).long().view(n, 1, hw)
+        tap_offsets = torch.tensor([0, 1, row, row + 1], device=device).view(1, 4, 1)
+        index = corner + tap_offsets  # (n, 4, hw): taps 00, 01, 10, 11 (row, column)
+        bx, by = 1 - ax, 1 - ay
+        weights = torch.cat((bx * by, ax * by, bx * ay, ax * ay), dim=1)  # (n, 4, hw)
 
-        flat_flags = src_flags.view(n, 1, h * w)
-        data = torch.zeros_like(sx)
-        src_defect = torch.zeros_like(sx, dtype=torch.bool)
-        for offset, inside, weight in taps:
-            flag = torch.gather(flat_flags, 2, offset).view(n, h, w) * inside
-            data += ((flag & HAS_DATA) != 0) * weight
-            src_defect |= ((flag & DEFECT) != 0) & (weight > 0)
-        tgt_data = (tgt_flags[:, 0] & HAS_DATA) != 0
-        defect = ((tgt_flags[:, 0] & DEFECT) != 0) | src_defect
-        no_data = torch.full_like(sx, 0.001)  # in the field's dtype (a float32 0.001 would differ)
+        padded_flags = F.pad(src_flags, (1, 1, 1, 1)).view(n, 1, -1)
+        flags = torch.gather(padded_flags.expand(n, 4, -1), 2, index)
+        data = (weights * (flags & HAS_DATA)).sum(dim=1)
+        src_defect = (((flags & DEFECT) != 0) & (weights > 0)).any(dim=1)
+        tgt_flat = tgt_flags.view(n, hw)
+        tgt_data = (tgt_flat & HAS_DATA) != 0
+        defect = ((tgt_flat & DEFECT) != 0) | src_defect
+        no_data = torch.full_like(data, 0.001)  # in the field's dtype (a float32 0.001 would differ)
         weight_out = torch.where(defect, 0.0, torch.where(tgt_data, 1.0, no_data))
         valid = tgt_data & ~defect & (data >= 0.999)
 
-        flat_src = src.view(n, c, h * w)
-        v00, v01, v10, v11 = (
-            torch.gather(flat_src, 2, offset.expand(n, c, h * w)).view(n, c, h, w) * inside.unsqueeze(1)
-            for offset, inside, _ in taps
-        )
-        warped = sum(v * wt.unsqueeze(1) for v, (_, _, wt) in zip((v00, v01, v10, v11), taps, strict=True))
-        residual = (warped - tgt) * valid.unsqueeze(1)
-        sse = residual.square().sum(dim=(1, 2, 3), dtype=torch.float64)
-        count = valid.sum(dim=(1, 2)).to(torch.float64)
+        padded_src = F.pad(src, (1, 1, 1, 1)).view(n, c, 1, -1)
+        taps = torch.gather(padded_src.expand(n, c, 4, -1), 3, index.view(n, 1, 4, hw).expand(n, c, 4, hw))
+        v00, v01, v10, v11 = taps.unbind(dim=2)  # each (n, c, hw)
+        warped = (taps * weights.view(n, 1, 4, hw)).sum(dim=2)
+        residual = (warped - tgt.view(n, c, hw)) * valid.view(n, 1, hw)
+        sse = residual.square().sum(dim=(1, 2), dtype=torch.float64)
+        count = valid.sum(dim=1).to(torch.float64)
         grad = None
         if need_grad:
-            ax1, ay1 = ax.unsqueeze(1), ay.unsqueeze(1)
-            d_dx = (1 - ay1) * (v01 - v00) + ay1 * (v11 - v10)
-            d_dy = (1 - ax1) * (v10 - v00) + ax1 * (v11 - v01)
+            d_dx = by * (v01 - v00) + ay * (v11 - v10)
+            d_dy = bx * (v10 - v00) + ax * (v11 - v01)
             grad = 2 * torch.stack(((residual * d_dx).sum(1), (residual * d_dy).sum(1)), dim=1)
-        return sse, count, weight_out.unsqueeze(1), grad
+            grad = grad.view(n, 2, h, w)
+        return sse, count, weight_out.view(n, 1, h, w), grad
 
     def rigidity(
         self, field: torch.Tensor, weight: torch.Tensor, need_grad: bool
@@ -246,13 +243,15 @@ class TorchKernels:
             spring = f_q - f_p
             spring[:, 0] += dx
             spring[:, 1] += dy
-            square = spring.square().sum(dim=1, keepdim=True)
+            spring_x, spring_y = spring.unbind(dim=1)
+            square = torch.addcmul(spring_x * spring_x, spring_y, spring_y).unsqueeze(1)
             length = square.sqrt()  # (torch.linalg.vector_norm is ~60x slower)
             rest_square = dx * dx + dy * dy
             stretch = (square - rest_square) / (length + rest_square**0.5)  # = length - rest, no cancellation
-            energy += 2 * (ww * stretch.square()).sum(dim=(1, 2, 3), dtype=torch.float64)
+            weighted = ww * stretch
+            energy += 2 * (weighted * stretch).sum(dim=(1, 2, 3), dtype=torch.float64)
             if grad is not None:
-                k = torch.where(length > 0, 4 * ww * stretch / length, 0.0) * spring
+                k = (4 * weighted / torch.where(length > 0, length, 1.0)) * spring  # 0 where length is 0
                 g_p, g_q = neighbour_pairs(grad, dy, dx)
                 g_q += k
                 g_p -= k
