@@ -53,7 +53,7 @@ class AdamSchedule:
     num_iter: int = 2000
     lr: float = 0.01
     patience: int = 20
-    max_halvings: int = 3
+    max_halvings: int = 2
     rel_tol: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -153,10 +153,11 @@ def adam_finetune(
             raise FloatingPointError("the alignment loss is not finite at the starting field")
 
         iterations += active.to(torch.int64)
-        # Best field so far (the one just evaluated, before this iteration's step).
+        # Best field so far (the one just evaluated, before this iteration's step). lerp with a
+        # weight of exactly 0 or 1 returns one of its ends bit for bit.
         better = active & (loss < best_loss)
         best_loss = torch.where(better, loss, best_loss)
-        best_field = torch.where(per_pixel(better), current, best_field)
+        best_field.lerp_(current, per_pixel(better.to(dtype)))
         # Plateau schedule.
         improved = loss < plateau_ref * (1.0 - s.rel_tol)
         plateau_ref = torch.where(active & improved, loss, plateau_ref)
@@ -168,15 +169,15 @@ def adam_finetune(
         active = active & (halvings <= s.max_halvings)
         if it == s.num_iter - 1:
             break
-        # Adam step for the items still running (all of them have taken the same number of steps).
-        step = per_pixel(active)
+        # Adam step for the items still running (all of them have taken the same number of steps);
+        # stopped items get weight 0 everywhere, so their state and field stay bit for bit.
+        # In-place ops: the optimizer's own cost per iteration stays small next to the loss.
+        step = per_pixel(active.to(dtype))
         t = it + 1
-        m = torch.where(step, beta1 * m + (1.0 - beta1) * grad, m)
-        v = torch.where(step, beta2 * v + (1.0 - beta2) * grad.square(), v)
-        m_hat = m / (1.0 - beta1**t)
-        v_hat = v / (1.0 - beta2**t)
-        update = per_pixel(lr) * m_hat / (v_hat.sqrt() + s.eps)
-        current = torch.where(step, current - update, current)
+        m.lerp_(grad, step * (1.0 - beta1))
+        v.lerp_(grad.square_(), step * (1.0 - beta2))
+        denom = v.div(1.0 - beta2**t).sqrt_().add_(s.eps)
+        current.sub_(m.div(denom).mul_(per_pixel(lr * active.to(dtype) / (1.0 - beta1**t))))
         if (it + 1) % check_every == 0 and not bool(active.any()):
             break
 
