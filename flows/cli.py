@@ -1,0 +1,261 @@
+"""The ``sectionflow`` command line (typer + rich).
+
+``sectionflow --help`` lists the commands: ``demo``, ``align-stack``, one command per stage
+(``normalize``, ``encode``, ``coarse-align``, ``finetune``, ``solve``, ``render``, ``downsample``),
+``import-stack`` and ``serve``. Stage commands take ``--config`` (a YAML file of
+:class:`flows.params.AlignParams`), ``--source``/``--output`` and ``--set name=value`` overrides;
+parameters are validated before anything runs. ``--dask-address`` runs the chunk tasks on an existing
+dask cluster instead of a LocalCluster. Without a configured ``PREFECT_API_URL`` the commands start
+Prefect's embedded temporary API for the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import typer  # noqa: E402
+import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from emcore.errors import SectionflowError  # noqa: E402
+
+app = typer.Typer(
+    help="sectionflow: align serial-section EM stacks (normalize -> encode -> coarse align -> finetune -> "
+    "solve -> render) as Prefect flows over dask chunks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML parameter file (AlignParams)")]
+SourceOpt = Annotated[str | None, typer.Option(help="source image layer (path or cloud URL)")]
+OutputOpt = Annotated[str | None, typer.Option(help="output path (layers named as in flows/layout.py)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a parameter: name=value (YAML value)")
+]
+DaskOpt = Annotated[str | None, typer.Option(help="scheduler address of an existing dask cluster")]
+
+
+def _params(config: Path | None, source: str | None, output: str | None, overrides: list[str] | None) -> Any:
+    from flows.params import AlignParams
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = yaml.safe_load(config.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects name=value, got {item!r}")
+        name, value = item.split("=", 1)
+        data[name.strip()] = yaml.safe_load(value)
+    if source is not None:
+        data["source"] = source
+    if output is not None:
+        data["output"] = output
+    return AlignParams(**data)
+
+
+def _fail(exc: Exception) -> None:
+    if isinstance(exc, ValidationError):
+        console.print("[bold red]invalid parameters:[/]")
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "parameters"
+            console.print(f"  [red]{where}[/]: {err['msg']}")
+    else:
+        console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _stage_table(summaries: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="stages")
+    for col in ("stage", "chunks computed", "chunks skipped", "notes"):
+        table.add_column(col)
+    for name, s in summaries.items():
+        notes = []
+        for key in ("blank", "unreliable", "interpolated", "encoder"):
+            if s.get(key):
+                notes.append(f"{key}: {s[key]}")
+        table.add_row(name, str(s.get("done", "")), str(s.get("skipped", "")), "; ".join(notes))
+    return table
+
+
+def _run_stages(params: Any, dask_address: str | None, names: list[str]) -> dict[str, dict[str, Any]]:
+    from flows.align_stack import STAGES, run_stage
+    from flows.runtime import ensure_local_api, local_cluster
+
+    ensure_local_api()
+    summaries: dict[str, dict[str, Any]] = {}
+    with local_cluster(dask_address) as address:
+        for name in names:
+            start = time.perf_counter()
+            with console.status(f"[bold]{name}[/] running on {address} ..."):
+                summaries[name] = run_stage(STAGES[name], params, address)
+            s = summaries[name]
+            console.print(
+                f"[green]OK[/] {name}: {s['done']} chunks computed, {s['skipped']} skipped "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
+    return summaries
+
+
+def _stage_command(name: str) -> None:
+    def command(
+        config: ConfigOpt = None,
+        source: SourceOpt = None,
+        output: OutputOpt = None,
+        set_: SetOpt = None,
+        dask_address: DaskOpt = None,
+    ) -> None:
+        try:
+            params = _params(config, source, output, set_)
+            summaries = _run_stages(params, dask_address, [name])
+        except (ValidationError, SectionflowError) as exc:
+            _fail(exc)
+            return
+        console.print(_stage_table(summaries))
+
+    command.__doc__ = f"Run the {name} stage flow alone (see flows/stages.py)."
+    app.command(name.replace("_", "-"))(command)
+
+
+for _name in ("normalize", "encode", "coarse_align", "finetune", "solve", "render"):
+    _stage_command(_name)
+
+
+def _run_align_stack(params: Any, dask_address: str | None) -> dict[str, dict[str, Any]]:
+    from flows.align_stack import align_stack, stage_hook
+    from flows.runtime import ensure_local_api
+
+    ensure_local_api()
+    started = time.perf_counter()
+
+    def progress(stage: str, summary: dict[str, Any]) -> None:
+        console.print(
+            f"[green]OK[/] {stage}: {summary.get('done', 0)} chunks computed, "
+            f"{summary.get('skipped', 0)} skipped  [dim]({time.perf_counter() - started:.0f} s)[/]"
+        )
+
+    with stage_hook(progress):
+        return align_stack(params, dask_address=dask_address)
+
+
+@app.command("align-stack")
+def align_stack_command(
+    config: ConfigOpt = None,
+    source: SourceOpt = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """Align a stack end to end: every stage, then the report in <output>/report/."""
+    try:
+        params = _params(config, source, output, set_)
+        summaries = _run_align_stack(params, dask_address)
+    except (ValidationError, SectionflowError) as exc:
+        _fail(exc)
+        return
+    console.print(_stage_table({k: v for k, v in summaries.items() if k != "report"}))
+    console.print(summaries["report"]["markdown"])
+
+
+@app.command("downsample")
+def downsample_command(
+    layer: str,
+    src_mip: int = 0,
+    dst_mip: Annotated[int | None, typer.Option()] = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """Fill the coarser mips of a layer from src_mip."""
+    from flows.params import DownsampleParams
+    from flows.runtime import ensure_local_api, local_cluster, task_runner
+    from flows.stages import downsample_flow
+
+    try:
+        params = DownsampleParams(layer=layer, src_mip=src_mip, dst_mip=dst_mip)
+        ensure_local_api()
+        with local_cluster(dask_address) as address:
+            summary = downsample_flow.with_options(task_runner=task_runner(address))(params)
+    except (ValidationError, SectionflowError) as exc:
+        _fail(exc)
+        return
+    console.print(_stage_table({"downsample": summary}))
+
+
+@app.command("import-stack")
+def import_stack_command(
+    directory: Path,
+    layer: str,
+    resolution: Annotated[str, typer.Option(help="nm per voxel x,y,z")] = "4.6,4.6,50",
+    chunk: Annotated[int, typer.Option(help="storage chunk in x and y (px)")] = 128,
+    mips: Annotated[int, typer.Option(help="number of mips")] = 5,
+) -> None:
+    """Import a directory of section images (TIFF/PNG, one per z) into a precomputed image layer."""
+    from emcore.stack_import import import_stack
+    from tasks.version import code_version
+
+    try:
+        res = tuple(float(v) for v in resolution.split(","))
+        out = import_stack(
+            directory,
+            layer,
+            resolution=res,
+            chunk_size=(chunk, chunk, 1),
+            num_mips=mips,
+            code_version=code_version(),
+        )
+    except (SectionflowError, ValueError) as exc:
+        _fail(exc)
+        return
+    console.print(f"[green]imported[/] {out}")
+
+
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path, typer.Option(help="demo directory")] = Path("demo_output"),
+    dask_address: DaskOpt = None,
+) -> None:
+    """Misalign the bundled real EM stack by a known deformation, align it back, print the report."""
+    from flows.demo import demo_params, prepare_demo, residual_line
+
+    started = time.perf_counter()
+    try:
+        with console.status("[bold]demo[/]: importing and misaligning the bundled EM stack ..."):
+            paths = prepare_demo(output)
+        console.print(f"[green]OK[/] demo input: {paths['misaligned']} (known deformation, flows/demo.py)")
+        params = demo_params(output, paths)
+        summaries = _run_align_stack(params, dask_address)
+    except (ValidationError, SectionflowError) as exc:
+        _fail(exc)
+        return
+    report = summaries["report"]
+    console.print(_stage_table({k: v for k, v in summaries.items() if k != "report"}))
+    console.print(report["markdown"])
+    summary = dict(report["summary"], finetune_mip=params.finetune_mip)
+    console.rule("demo result")
+    console.print(residual_line(summary))
+    console.print(f"outputs: {params.output} (aligned, fields/final, masks/aligned_defects, ...)")
+    console.print(f"report and pictures: {Path(report['files']['markdown']).parent}")
+    console.print(f"total {time.perf_counter() - started:.0f} s")
+
+
+@app.command("serve")
+def serve_command() -> None:
+    """Serve the deployments (stage flows + align_stack) from this process; run them from the UI."""
+    from prefect import serve
+
+    from flows.deployments import deployments
+
+    console.print("Serving deployments; start a UI with `prefect server start` and set PREFECT_API_URL.")
+    serve(*deployments())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

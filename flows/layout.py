@@ -1,0 +1,71 @@
+"""Where ``align_stack`` puts its layers: the output-directory naming convention.
+
+Under the output path ``<out>`` (a local directory or a cloud path):
+
+===============================  =====================================================================
+``<out>/normalized``             float32 image: per-section tissue-normalized source (0 = no data),
+                                 filled from the normalize mip upwards
+``<out>/encodings/<mip>``        float32 image: encoder output at ``<mip>`` (absent with
+                                 ``encoder="none"``: stages then read ``<out>/normalized``)
+``<out>/fields/pairwise/z-<k>``  field: ``P[z, k]`` aligning section ``z`` onto ``z - k``, at the
+                                 coarse mip (coarse stage) and at the finetune mip (finetune stage)
+``<out>/fields/final``           field: ``G[z]`` aligning section ``z`` into the stack frame (first
+                                 non-blank section fixed), at the finetune mip
+``<out>/aligned``                the source image rendered through ``G``, every mip
+``<out>/masks/defects``          the input defect mask (the demo writes it here)
+``<out>/masks/aligned_defects``  the defect mask rendered through ``G``, every mip
+``<out>/report/``                report.md, quality.csv, run.json, PNG thumbnails and reslices
+===============================  =====================================================================
+
+Every layer gets a provenance record (inputs, parameters, code version) when its stage finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emcore.layers import normalize_path
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Layer paths under one output path ``root``."""
+
+    root: str
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([normalize_path(self.root), *parts])
+
+    @property
+    def normalized(self) -> str:
+        return self._join("normalized")
+
+    def encodings(self, mip: int) -> str:
+        return self._join("encodings", str(mip))
+
+    def pairwise(self, k: int) -> str:
+        return self._join("fields", "pairwise", f"z-{k}")
+
+    @property
+    def final_fields(self) -> str:
+        return self._join("fields", "final")
+
+    @property
+    def aligned(self) -> str:
+        return self._join("aligned")
+
+    @property
+    def defects(self) -> str:
+        return self._join("masks", "defects")
+
+    @property
+    def aligned_defects(self) -> str:
+        return self._join("masks", "aligned_defects")
+
+    @property
+    def report_dir(self) -> str:
+        """Local directory of the report files (``root`` must be local for the PNGs)."""
+        path = normalize_path(self.root)
+        return (path[len("file://") :] if path.startswith("file://") else path) + "/report"

@@ -1,0 +1,150 @@
+"""Flow parameters as pydantic models: validated before any work starts, rendered as forms in the UI.
+
+:class:`AlignParams` holds everything the stage flows and ``align_stack`` need; every stage flow
+takes the same model and uses its part, so one parameter file (``configs/*.yaml``) drives a whole
+run or any single stage. :class:`DownsampleParams` drives the stand-alone ``downsample`` flow.
+
+Units: ``bbox_nm`` in nm (xyz, half-open); mips are pyramid levels of the source layer (mip ``m`` =
+``2**m`` downsampled in x, y); ``chunk_xy``, ``pad`` in px at the mip of the stage that uses them;
+``sm`` is the finetuner's rigidity weight (dimensionless).
+
+Validation (a ``pydantic.ValidationError`` naming the field and what to do): a missing source or
+defect layer, mips outside the source's pyramid or in the wrong order, a processing chunk that is
+not a multiple of the storage chunk, negative ``sm``, zero iterations, an empty bbox, ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from emcore.errors import SectionflowError
+from emcore.geometry import BBox, VoxelBox
+from emcore.layers import Layer, open_layer
+
+__all__ = ["AlignParams", "DownsampleParams", "load_params"]
+
+Mip = Annotated[int, Field(ge=0, le=12)]
+
+
+class AlignParams(BaseModel):
+    """Parameters of the alignment pipeline (all stages)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="image layer to align (cloud path or local directory)")
+    output: str = Field(description="output path; layers are named as in flows/layout.py")
+    defects: str | None = Field(
+        None, description="optional defect mask layer (nonzero = fold/crack), source frame"
+    )
+    true_fields: str | None = Field(
+        None,
+        description="optional ground-truth field layer G[z] (for the report's residual), at finetune_mip",
+    )
+    bbox_nm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
+        None, description="region to align, ((x0, y0, z0), (x1, y1, z1)) nm; default the whole source layer"
+    )
+    coarse_mip: Mip = Field(3, description="mip of the coarse alignment (whole sections)")
+    finetune_mip: Mip = Field(2, description="mip of the finetuner, the encodings and the final fields")
+    render_mip: Mip = Field(0, description="finest mip rendered; coarser mips are downsampled from it")
+    chunk_xy: int = Field(
+        256,
+        gt=0,
+        description="processing chunk, px in x and y at the finetune mip (render chunks cover the same area)",
+    )
+    pad: int = Field(32, ge=0, description="context (px at the finetune mip) read around each chunk")
+    neighbours: int = Field(2, ge=1, le=3, description="pairs z->z-1 .. z->z-neighbours per section")
+    coarse_model: Literal["translation", "rigid", "affine"] = Field("rigid", description="coarse model")
+    encoder: str = Field("none", description='"none", "auto" (by resolution) or a model name/path')
+    sm: float = Field(200.0, ge=0, allow_inf_nan=False, description="finetuner rigidity weight (>= 0)")
+    num_iter: int = Field(300, gt=0, description="finetuner iterations per pyramid level (> 0)")
+    smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
+    robust_px: float = Field(2.0, gt=0, allow_inf_nan=False, description="stack-solve Cauchy scale (px)")
+
+    @model_validator(mode="after")
+    def _check_against_source(self) -> AlignParams:
+        try:
+            layer = open_layer(self.source)
+        except SectionflowError as exc:
+            raise ValueError(f"source: {exc}. Import the stack first (`sectionflow import-stack`).") from None
+        top = layer.num_mips - 1
+        for name in ("coarse_mip", "finetune_mip", "render_mip"):
+            if getattr(self, name) > top:
+                raise ValueError(f"{name}={getattr(self, name)} but the source has mips 0..{top}")
+        if not self.render_mip <= self.finetune_mip <= self.coarse_mip:
+            raise ValueError(
+                f"mips must satisfy render_mip <= finetune_mip <= coarse_mip, got {self.render_mip}, "
+                f"{self.finetune_mip}, {self.coarse_mip}"
+            )
+        for mip in sorted({self.finetune_mip, self.render_mip}):
+            try:
+                layer.grid(mip).check_processing_chunk((self.chunk_at(mip), self.chunk_at(mip), 1))
+            except SectionflowError as exc:
+                raise ValueError(f"chunk_xy={self.chunk_xy} at mip {mip}: {exc}") from None
+        if self.pad > self.chunk_xy:
+            raise ValueError(f"pad={self.pad} must not exceed chunk_xy={self.chunk_xy} (context per side)")
+        for name in ("defects", "true_fields"):
+            path = getattr(self, name)
+            if path is not None:
+                try:
+                    open_layer(path)
+                except SectionflowError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+        if self.bbox_nm is not None:
+            box = self.region(layer, 0)
+            if box.is_empty:
+                raise ValueError(f"bbox_nm {self.bbox_nm} does not overlap the source {layer.bbox}")
+        return self
+
+    def chunk_at(self, mip: int) -> int:
+        """The processing chunk side at ``mip``: ``chunk_xy`` scaled from the finetune mip (same area)."""
+        return self.chunk_xy * 2 ** (self.finetune_mip - mip) if mip <= self.finetune_mip else self.chunk_xy
+
+    def source_layer(self) -> Layer:
+        return open_layer(self.source)
+
+    def region(self, layer: Layer, mip: int) -> VoxelBox:
+        """The region to process, voxels at ``mip``: ``bbox_nm`` covered outward, within the bounds."""
+        if self.bbox_nm is None:
+            return layer.bounds(mip)
+        box = BBox(*self.bbox_nm).to_voxels(layer.resolution(mip), outward=True)
+        return layer.grid(mip).align(box)
+
+    def sections(self, layer: Layer) -> range:
+        region = self.region(layer, 0)
+        return range(region.start[2], region.stop[2])
+
+
+class DownsampleParams(BaseModel):
+    """Parameters of the stand-alone ``downsample`` flow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layer: str = Field(description="layer to fill")
+    src_mip: Mip = Field(0, description="mip holding the data")
+    dst_mip: Mip | None = Field(None, description="last mip to fill (default: the layer's top mip)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DownsampleParams:
+        try:
+            layer = open_layer(self.layer)
+        except SectionflowError as exc:
+            raise ValueError(f"layer: {exc}") from None
+        dst = layer.num_mips - 1 if self.dst_mip is None else self.dst_mip
+        if not self.src_mip < dst <= layer.num_mips - 1:
+            raise ValueError(
+                f"need src_mip < dst_mip <= {layer.num_mips - 1} (layer mips), got {self.src_mip}, {dst}"
+            )
+        return self
+
+
+def load_params(path: str | Path, **overrides: object) -> AlignParams:
+    """Read :class:`AlignParams` from a YAML file, with ``overrides`` (non-None values) on top."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return AlignParams(**data)

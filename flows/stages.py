@@ -1,0 +1,350 @@
+"""The stage flows, each usable alone: normalize, encode, coarse_align, finetune, solve, render, downsample.
+
+Every stage flow takes :class:`flows.params.AlignParams` (``downsample`` takes
+:class:`~flows.params.DownsampleParams`), creates its output layers under ``params.output`` as
+named in :mod:`flows.layout`, submits one chunk task per chunk to the task runner (a dask cluster),
+waits, adds a provenance record to its output layers and returns a small summary dict
+``{"stage", "done", "skipped", ...}`` (chunks computed now / skipped thanks to completion markers).
+
+Stages read what earlier stages wrote; running one before its inputs exist fails at the start with
+an error naming the missing layer and the stage to run first. Section bookkeeping (which sections
+are blank, which pairs are used) is kept in ``<out>/normalized/sections.json`` and
+``<out>/fields/pairwise/pairs.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cloudfiles import CloudFiles
+from prefect import flow, get_run_logger
+
+from emcore.errors import LayerNotFoundError
+from emcore.layers import Layer, create_layer, open_layer
+from flows.layout import Layout
+from flows.params import AlignParams, DownsampleParams
+from flows.runtime import wait_all
+from tasks.coarse import coarse_pair_task
+from tasks.encode import encode_chunk_task, resolve_encoder
+from tasks.finetune import finetune_chunk_task
+from tasks.markers import count
+from tasks.normalize import normalize_chunk_task, section_stats_task
+from tasks.pyramid import downsample_chunk_task, pyramid_chunks
+from tasks.render import render_chunk_task
+from tasks.solve import solve_chunk_task
+from tasks.version import code_version
+
+__all__ = [
+    "coarse_align_flow",
+    "downsample_flow",
+    "encode_flow",
+    "finetune_flow",
+    "normalize_flow",
+    "render_flow",
+    "solve_flow",
+    "used_pairs",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _create_like(src: Layer, path: str, kind: str, dtype: str | None = None) -> Layer:
+    """A layer with the source's geometry (resolution, bounds, chunks, mips)."""
+    return create_layer(
+        path,
+        kind=kind,
+        resolution=src.resolution(0),
+        size=src.size(0),
+        voxel_offset=src.voxel_offset(0),
+        chunk_size=src.chunk_size(0),
+        num_mips=src.num_mips,
+        dtype=dtype,
+    )
+
+
+def _write_json(path: str, name: str, data: Any) -> None:
+    CloudFiles(path).put(
+        name,
+        json.dumps(data, indent=1, sort_keys=True).encode(),
+        compress=None,
+        content_type="application/json",
+    )
+
+
+def _read_json(path: str, name: str, stage: str) -> Any:
+    raw = CloudFiles(path).get(name)
+    if raw is None:
+        raise LayerNotFoundError(f"{path}/{name} is missing: run the {stage} stage first")
+    return json.loads(raw)
+
+
+def _require(path: str, stage: str) -> Layer:
+    try:
+        return open_layer(path)
+    except LayerNotFoundError:
+        raise LayerNotFoundError(f"no layer at {path}: run the {stage} stage first") from None
+
+
+def _provenance(layer: Layer, description: str, params: AlignParams | DownsampleParams) -> None:
+    layer.add_provenance(description, params.model_dump(mode="json"), code_version())
+
+
+def _summary(stage: str, outcomes: list, **extra: Any) -> dict[str, Any]:
+    summary = {"stage": stage, **count(outcomes), **extra}
+    get_run_logger().info(
+        "%s: %d chunks computed, %d skipped (already complete)", stage, summary["done"], summary["skipped"]
+    )
+    return summary
+
+
+def _downsample(layer: Layer, params: AlignParams, src_mip: int, inputs: tuple[str, ...]) -> list:
+    top = layer.num_mips - 1
+    if src_mip >= top:
+        return []
+    region = params.region(layer, src_mip)
+    futures = [
+        downsample_chunk_task.submit(layer.path, box, src_mip, top, inputs)
+        for box in pyramid_chunks(layer, region, src_mip, top)
+    ]
+    return wait_all(futures, f"downsample {layer.path.rsplit('/', 1)[-1]}")
+
+
+def pair_image(params: AlignParams) -> str:
+    """The layer the finetuner compares: encodings at the finetune mip, or the normalized images."""
+    layout = Layout(params.output)
+    res = open_layer(params.source).resolution(params.finetune_mip)[0]
+    encoder = resolve_encoder(params.encoder, res)
+    return layout.normalized if encoder == "none" else layout.encodings(params.finetune_mip)
+
+
+def used_pairs(sections: list[int], blank: set[int], neighbours: int) -> list[tuple[int, int]]:
+    """Pairs ``(z, k)``: ``k = 1..neighbours`` to non-blank sections; a section whose neighbours within
+    reach are all blank sees through them to the nearest non-blank section below (``k`` beyond
+    ``neighbours``). Blank sections get no pair (they are interpolated)."""
+    z0 = sections[0]
+    pairs = []
+    for z in sections:
+        if z in blank:
+            continue
+        ks = [k for k in range(1, neighbours + 1) if z - k >= z0 and z - k not in blank]
+        if not ks:
+            below = [zz for zz in range(z - 1, z0 - 1, -1) if zz not in blank]
+            ks = [z - below[0]] if below else []
+        pairs.extend((z, k) for k in ks)
+    return pairs
+
+
+# -- stages -----------------------------------------------------------------------------------------
+@flow(name="normalize", log_prints=True)
+def normalize_flow(params: AlignParams) -> dict[str, Any]:
+    """Per-section tissue normalization at the finetune mip (stats at the coarse mip), then mips above.
+
+    Writes ``<out>/normalized`` and ``<out>/normalized/sections.json`` (stats; blank sections).
+    """
+    layout = Layout(params.output)
+    src = params.source_layer()
+    out = _create_like(src, layout.normalized, "image", "float32")
+    sections = list(params.sections(src))
+    stat_futures = [
+        section_stats_task.submit(src.path, z, params.coarse_mip, params.defects) for z in sections
+    ]
+    stats = {s["z"]: s for s in wait_all(stat_futures, "section stats")}
+    blank = sorted(z for z, s in stats.items() if s["blank"])
+    if blank:
+        get_run_logger().warning(
+            "blank sections (no usable tissue): %s - they are kept, aligned by "
+            "interpolation, and their neighbours see through them",
+            blank,
+        )
+    _write_json(
+        out.path,
+        "sections.json",
+        {"sections": sections, "blank": blank, "stats": {str(z): s for z, s in stats.items()}},
+    )
+    mip = params.finetune_mip
+    region = params.region(out, mip)
+    chunks = list(out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1)))
+    futures = [
+        normalize_chunk_task.submit(src.path, out.path, box, mip, stats, params.defects) for box in chunks
+    ]
+    outcomes = wait_all(futures, "normalize")
+    outcomes += _downsample(out, params, mip, (src.path, json.dumps(stats, sort_keys=True)))
+    _provenance(out, "sectionflow normalize: per-section tissue mean 0 / std 1, 0 = no data", params)
+    return _summary("normalize", outcomes, blank=blank, sections=sections)
+
+
+@flow(name="encode", log_prints=True)
+def encode_flow(params: AlignParams) -> dict[str, Any]:
+    """Encode the normalized sections at the finetune mip with the encoder for that resolution.
+
+    With ``encoder="none"`` (or ``"auto"`` and no shipped encoder for the resolution) nothing is
+    written and later stages use ``<out>/normalized``.
+    """
+    layout = Layout(params.output)
+    normalized = _require(layout.normalized, "normalize")
+    mip = params.finetune_mip
+    encoder = resolve_encoder(params.encoder, normalized.resolution(mip)[0])
+    if encoder == "none":
+        get_run_logger().info("encode: no encoder (encoder=%r): using the normalized images", params.encoder)
+        return {"stage": "encode", "done": 0, "skipped": 0, "encoder": "none"}
+    out = _create_like(normalized, layout.encodings(mip), "image", "float32")
+    region = params.region(out, mip)
+    futures = [
+        encode_chunk_task.submit(normalized.path, out.path, box, mip, encoder)
+        for box in out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1))
+    ]
+    outcomes = wait_all(futures, "encode")
+    _provenance(out, f"sectionflow encode with {encoder} at mip {mip}", params)
+    return _summary("encode", outcomes, encoder=encoder)
+
+
+@flow(name="coarse_align", log_prints=True)
+def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
+    """Pairwise coarse fields ``P[z, k]`` at the coarse mip (classical cross-correlation aligner).
+
+    Writes ``<out>/fields/pairwise/z-<k>`` and ``pairs.json`` (each pair's status: blank,
+    reliable, confidence, reason; and the pairs used downstream).
+    """
+    layout = Layout(params.output)
+    normalized = _require(layout.normalized, "normalize")
+    info = _read_json(normalized.path, "sections.json", "normalize")
+    sections, blank = info["sections"], set(info["blank"])
+    pairs = used_pairs(sections, blank, params.neighbours)
+    for k in sorted({k for _, k in pairs}):
+        _create_like(normalized, layout.pairwise(k), "field")
+    mip = params.coarse_mip
+    region = params.region(normalized, mip)
+    defects = params.defects
+    futures = [
+        coarse_pair_task.submit(
+            normalized.path, layout.pairwise(k), region, z, k, mip, params.coarse_model, defects
+        )
+        for z, k in pairs
+    ]
+    outcomes = wait_all(futures, "coarse_align")
+    status = {f"{o.detail['z']}-{o.detail['k']}": o.detail for o in outcomes}
+    # an unreliable pair is kept only when its section has no reliable one (never drop a section)
+    used = []
+    for z in sorted({z for z, _ in pairs}):
+        mine = [(zz, k) for zz, k in pairs if zz == z and not status[f"{zz}-{k}"]["blank"]]
+        reliable = [p for p in mine if status[f"{p[0]}-{p[1]}"]["reliable"]]
+        used.extend(reliable or mine)
+    unreliable = sorted(key for key, s in status.items() if not s["reliable"])
+    if unreliable:
+        get_run_logger().warning("unreliable coarse pairs (z-k): %s", unreliable)
+    root = layout.pairwise(1).rsplit("/", 1)[0]
+    _write_json(root, "pairs.json", {"status": status, "used": used, "blank": sorted(blank)})
+    for k in sorted({k for _, k in pairs}):
+        _provenance(open_layer(layout.pairwise(k)), f"sectionflow pairwise fields z -> z-{k}", params)
+    return _summary("coarse_align", outcomes, pairs=len(pairs), used=len(used), unreliable=unreliable)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow(params: AlignParams) -> dict[str, Any]:
+    """Refine every used pairwise field at the finetune mip, chunk by chunk, from the coarse field."""
+    layout = Layout(params.output)
+    root = layout.pairwise(1).rsplit("/", 1)[0]
+    used = [tuple(p) for p in _read_json(root, "pairs.json", "coarse_align")["used"]]
+    image = _require(pair_image(params), "encode")
+    mip = params.finetune_mip
+    region = params.region(image, mip)
+    chunks = list(image.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1)))
+    xy_chunks = [c for c in chunks if c.start[2] == region.start[2]]
+    futures = [
+        finetune_chunk_task.submit(
+            image.path,
+            layout.pairwise(k),
+            box,
+            z,
+            k,
+            mip,
+            params.coarse_mip,
+            pad=params.pad,
+            sm=params.sm,
+            num_iter=params.num_iter,
+            defects=params.defects,
+        )
+        for z, k in used
+        for box in xy_chunks
+    ]
+    outcomes = wait_all(futures, "finetune")
+    for k in sorted({k for _, k in used}):
+        _provenance(
+            open_layer(layout.pairwise(k)), f"sectionflow finetuned pairwise fields z -> z-{k}", params
+        )
+    return _summary("finetune", outcomes, pairs=len(used))
+
+
+@flow(name="solve", log_prints=True)
+def solve_flow(params: AlignParams) -> dict[str, Any]:
+    """Vector voting + global stack solve of the finetuned pairwise fields -> ``<out>/fields/final``."""
+    layout = Layout(params.output)
+    root = layout.pairwise(1).rsplit("/", 1)[0]
+    pairs_info = _read_json(root, "pairs.json", "coarse_align")
+    used = [tuple(p) for p in pairs_info["used"]]
+    blank = pairs_info["blank"]
+    ks = sorted({k for _, k in used})
+    pair_layers = {k: _require(layout.pairwise(k), "coarse_align").path for k in ks}
+    normalized = _require(layout.normalized, "normalize")
+    out = _create_like(normalized, layout.final_fields, "field")
+    mip = params.finetune_mip
+    region = params.region(out, mip)
+    xy = out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, region.shape[2]))
+    futures = [
+        solve_chunk_task.submit(
+            pair_layers,
+            out.path,
+            box,
+            mip,
+            pad=params.pad,
+            used_pairs=used,
+            blank=blank,
+            smoothness=params.smoothness,
+            robust_px=params.robust_px,
+        )
+        for box in xy
+    ]
+    outcomes = wait_all(futures, "solve")
+    _provenance(out, "sectionflow final fields (vector voting + global stack solve)", params)
+    details = [o.detail for o in outcomes]
+    fixed = details[0]["fixed"] if details else None
+    interpolated = sorted({z for d in details for z in d["interpolated"]})
+    return _summary("solve", outcomes, fixed=fixed, interpolated=interpolated)
+
+
+@flow(name="render", log_prints=True)
+def render_flow(params: AlignParams) -> dict[str, Any]:
+    """Render the source (and the defect mask) through the final fields at the render mip, then mips above."""
+    layout = Layout(params.output)
+    fields = _require(layout.final_fields, "solve")
+    src = params.source_layer()
+    jobs = [(src, _create_like(src, layout.aligned, "image", src.dtype.name))]
+    if params.defects:
+        mask = open_layer(params.defects)
+        jobs.append((mask, _create_like(mask, layout.aligned_defects, "mask")))
+    mip = params.render_mip
+    outcomes: list = []
+    for source, out in jobs:
+        region = params.region(out, mip)
+        futures = [
+            render_chunk_task.submit(source.path, fields.path, out.path, box, mip, params.finetune_mip)
+            for box in out.grid(mip).chunks(region, (params.chunk_at(mip), params.chunk_at(mip), 1))
+        ]
+        outcomes += wait_all(futures, f"render {out.path.rsplit('/', 1)[-1]}")
+        outcomes += _downsample(out, params, mip, (source.path, fields.path, code_version()))
+        _provenance(out, f"sectionflow render of {source.path} through {fields.path}", params)
+    return _summary("render", outcomes)
+
+
+@flow(name="downsample", log_prints=True)
+def downsample_flow(params: DownsampleParams) -> dict[str, Any]:
+    """Fill mips ``src_mip + 1 .. dst_mip`` of a layer from ``src_mip``, chunk by chunk."""
+    layer = open_layer(params.layer)
+    top = layer.num_mips - 1 if params.dst_mip is None else params.dst_mip
+    futures = [
+        downsample_chunk_task.submit(layer.path, box, params.src_mip, top, ())
+        for box in pyramid_chunks(layer, layer.bounds(params.src_mip), params.src_mip, top)
+    ]
+    outcomes = wait_all(futures, "downsample")
+    _provenance(layer, f"sectionflow downsample mip {params.src_mip} -> {top}", params)
+    return _summary("downsample", outcomes)

@@ -1,0 +1,65 @@
+"""Normalize stage tasks: per-section tissue statistics, then per-chunk normalization.
+
+* :func:`section_stats_task` - one section's tissue mean/std at a (cheap, coarse) mip, or the
+  reason it is blank. Blank sections are reported, never dropped: their normalized chunks are
+  written as zeros ("no data"), and later stages skip or see through them.
+* :func:`normalize_chunk_task` - ``(image - mean) / std`` on tissue (0 stays "no data") for one
+  chunk at one mip, written to a float32 image layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+
+from emcore.errors import BlankSectionError
+from emcore.geometry import VoxelBox
+from emcore.layers import open_layer
+from emcore.normalize import normalize, section_stats
+from tasks.markers import ChunkMarker, ChunkOutcome
+from tasks.retry import CHUNK_TASK_OPTIONS
+
+__all__ = ["normalize_chunk_task", "section_stats_task"]
+
+
+@task(name="section-stats", **CHUNK_TASK_OPTIONS)
+def section_stats_task(source: str, z: int, mip: int, defects: str | None = None) -> dict:
+    """Tissue statistics of section ``z`` at ``mip``: ``{"z", "mean", "std", "blank", "reason"}``."""
+    layer = open_layer(source)
+    bounds = layer.bounds(mip)
+    box = VoxelBox((bounds.start[0], bounds.start[1], z), (bounds.stop[0], bounds.stop[1], z + 1))
+    image = layer.read(box, mip)[0, 0]
+    mask = open_layer(defects).read(box, mip)[0, 0] if defects else None
+    try:
+        stats = section_stats(image, mask, section=z)
+    except BlankSectionError as exc:
+        return {"z": z, "mean": 0.0, "std": 0.0, "blank": True, "reason": str(exc)}
+    return {"z": z, "mean": stats.mean, "std": stats.std, "blank": False, "reason": ""}
+
+
+@task(name="normalize-chunk", **CHUNK_TASK_OPTIONS)
+def normalize_chunk_task(
+    source: str, output: str, box: VoxelBox, mip: int, stats: dict[int, dict], defects: str | None = None
+) -> ChunkOutcome:
+    """Normalize ``box`` (voxels at ``mip``) of ``source`` into ``output`` with per-section ``stats``."""
+    params = {
+        "mip": mip,
+        "stats": {
+            z: (s["mean"], s["std"], s["blank"]) for z, s in stats.items() if box.start[2] <= z < box.stop[2]
+        },
+    }
+    marker = ChunkMarker(output, "normalize", f"{box}@{mip}", (source, defects or ""), params)
+    if marker.is_done():
+        return ChunkOutcome("normalize", str(box), "skipped")
+    src, out = open_layer(source), open_layer(output)
+    image = src.read(box, mip)
+    mask = open_layer(defects).read(box, mip) if defects else None
+    result = np.zeros(image.shape, dtype=np.float32)
+    for i, z in enumerate(range(box.start[2], box.stop[2])):
+        s = stats[z]
+        if s["blank"]:
+            continue  # no tissue: stays 0 = no data
+        result[i] = normalize(image[i], s["mean"], s["std"], None if mask is None else mask[i])
+    out.write(box, result, mip)
+    marker.mark_done()
+    return ChunkOutcome("normalize", str(box), "done")

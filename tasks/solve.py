@@ -1,0 +1,121 @@
+"""Stack solve stage: pairwise fields -> one field per section, chunk by chunk in x and y.
+
+For one xy chunk (voxels at the field mip, padded by ``pad`` px of context) and all sections of
+the region, the task reads every used ``P[z, k]``, then
+
+1. **vector voting** (when at least 3 neighbours per section are used,
+   :func:`emcore.vector_vote.vector_vote`): for section ``z`` the candidates
+   ``compose(S[z - k], P[z, k])`` (``S`` = the sequential composition) should agree; each pair's
+   per-pixel share of the consensus (times the number of candidates) becomes its weight, so a bad
+   pairwise estimate is voted down where it disagrees;
+2. **global solve** (:func:`emcore.stack_solve.solve_stack`): robust relaxation with the first
+   non-blank section fixed; blank sections are interpolated and reported;
+
+then crops the context and writes ``G[z]`` for every section into ``<out>/fields/final``.
+"""
+
+from __future__ import annotations
+
+import torch
+from prefect import task
+
+from emcore.field import compose
+from emcore.geometry import VoxelBox
+from emcore.layers import open_layer
+from emcore.stack_solve import sequential_composition, solve_stack
+from emcore.vector_vote import vector_vote
+from tasks.io import read_field
+from tasks.markers import ChunkMarker, ChunkOutcome
+from tasks.retry import CHUNK_TASK_OPTIONS
+
+__all__ = ["solve_chunk_task", "vote_weights"]
+
+
+def vote_weights(
+    pairs: dict[tuple[int, int], torch.Tensor], num_sections: int, blank: list[int], temperature: float = 1.0
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Per-pixel weights ``(1, 1, H, W)`` of each pair from vector voting (1 = agrees with the others).
+
+    Sections with fewer than 3 candidate pairs keep weight 1 for theirs (no majority to find).
+    """
+    start = sequential_composition(pairs, num_sections, blank=blank)
+    weights: dict[tuple[int, int], torch.Tensor] = {}
+    for z in range(num_sections):
+        keys = sorted(key for key in pairs if key[0] == z)
+        if len(keys) < 3:
+            continue
+        candidates = torch.cat(
+            [
+                compose(start[z - k : z - k + 1], pairs[(z, k)].view(1, 2, *pairs[(z, k)].shape[-2:]))
+                for z, k in keys
+            ]
+        )
+        vote = vector_vote(candidates, temperature=temperature)
+        for i, key in enumerate(keys):
+            weights[key] = (vote.weights[i : i + 1] * len(keys)).clamp(max=1.0)
+    return weights
+
+
+@task(name="solve-chunk", **CHUNK_TASK_OPTIONS)
+def solve_chunk_task(
+    pair_layers: dict[int, str],
+    output: str,
+    box: VoxelBox,
+    mip: int,
+    *,
+    pad: int,
+    used_pairs: list[tuple[int, int]],
+    blank: list[int],
+    smoothness: float = 0.0,
+    robust_px: float = 2.0,
+) -> ChunkOutcome:
+    """Solve the stack on ``box`` (xy chunk at ``mip``, all sections of the region in z).
+
+    Args:
+        pair_layers: ``{k: path}`` of the pairwise field layers.
+        output: the final field layer.
+        box: the chunk; ``z`` spans the whole region (section indices are absolute).
+        used_pairs: ``(z, k)`` absolute pairs to use (blank and unreliable ones left out).
+        blank: absolute indices of blank sections (interpolated).
+    """
+    params = {
+        "mip": mip,
+        "pad": pad,
+        "pairs": sorted(used_pairs),
+        "blank": sorted(blank),
+        "smoothness": smoothness,
+        "robust_px": robust_px,
+    }
+    marker = ChunkMarker(
+        output, "solve", f"{box}@{mip}", tuple(pair_layers[k] for k in sorted(pair_layers)), params
+    )
+    previous = marker.read_extra()
+    if previous is not None:
+        return ChunkOutcome("solve", str(box), "skipped", previous)
+    z0, num = box.start[2], box.shape[2]
+    padded = box.padded(pad)
+    pairs: dict[tuple[int, int], torch.Tensor] = {}
+    for k, path in pair_layers.items():
+        layer = open_layer(path)
+        fields = read_field(layer, padded, mip)
+        for z, kk in used_pairs:
+            if kk == k and z0 <= z < z0 + num and z - k >= z0:
+                pairs[(z - z0, k)] = fields[z - z0 : z - z0 + 1]
+    rel_blank = [z - z0 for z in blank if z0 <= z < z0 + num]
+    weights = vote_weights(pairs, num, rel_blank) if pairs else {}
+    solution = solve_stack(
+        pairs, num, weights=weights or None, blank=rel_blank, smoothness=smoothness, robust_px=robust_px
+    )
+    fields = solution.fields
+    if pad:
+        fields = fields[..., pad:-pad, pad:-pad]
+    open_layer(output).write(box, fields.numpy(), mip)
+    detail = {
+        "fixed": solution.fixed + z0,
+        "interpolated": [z + z0 for z in solution.interpolated],
+        "pair_weight": {f"{z + z0}-{k}": round(float(w), 3) for (z, k), w in solution.pair_weight.items()},
+        "converged": bool(solution.converged),
+        "sweeps": int(solution.sweeps),
+    }
+    marker.mark_done(detail)
+    return ChunkOutcome("solve", str(box), "done", detail)
