@@ -39,8 +39,8 @@ from emcore.synthetic import smooth_field, true_alignment_field
 SETTINGS = [
     ("encoder_16_64nm", "vnc", 2, 4.0),
     ("encoder_16_64nm", "vnc", 3, 3.0),
-    ("encoder_64_256nm", "vnc", 4, 3.0),
-    ("encoder_256_2048nm", "medulla", 4, 2.0),
+    ("encoder_64_256nm", "vnc", 4, 2.0),
+    ("encoder_256_2048nm", "medulla", 4, 1.5),
 ]
 
 
@@ -62,8 +62,9 @@ def make_pairs(dataset: str, mip: int, max_displacement: float, count: int, seed
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(1, min(count + 1, len(held))):
-        applied = smooth_field(size, size, max_displacement, grid=4, seed=seed + i)
-        true = true_alignment_field(applied, border=4)
+        applied = smooth_field(size, size, max_displacement, grid=min(4, size // 32 + 1), seed=seed + i)
+        # The inverse is extrapolated where the field reads outside the image: check the interior.
+        true = true_alignment_field(applied, border=max(2 * round(max_displacement) + 4, size // 4))
         fixed = add_artifacts(stack[i : i + 1], gen)
         moving = add_artifacts(warp(stack[i - 1 : i], applied), gen)
         tissue = (fixed != 0) & warp_mask(moving != 0, true)

@@ -10,8 +10,13 @@ Modules
 * :mod:`emcore.models.encode` - apply an encoder to images in tiles with context (seamless).
 * :mod:`emcore.models.pyramid_aligner` - the learned multi-level coarse aligner.
 * :mod:`emcore.models.artifacts` - realistic EM artifact augmentation for training and benchmarks.
-* :mod:`emcore.models.em_data` - the real EM training stacks at a given mip.
-* :mod:`emcore.models.training` - losses and training loops; ``python -m emcore.models.train``.
+* :mod:`emcore.models.em_data` - the real EM training stacks at a given mip (held-out sections).
+* :mod:`emcore.models.losses` - metric-learning encoder loss, self-supervised aligner loss.
+* :mod:`emcore.models.training` - encoder recipes and training loop.
+* :mod:`emcore.models.aligner_training` - large synthetic deformations (with folds) and the
+  aligner's training loop.
+* :mod:`emcore.models.train` - ``python -m emcore.models.train <name>``; from Python
+  ``train_and_save(name, steps=..., seed=..., out=...)``.
 
 Quick use::
 

@@ -176,8 +176,9 @@ class Model:
     network: nn.Module
     source: str
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Run the network (an encoder takes one image batch, the aligner ``(src, tgt)``)."""
+        return self.network(*inputs)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

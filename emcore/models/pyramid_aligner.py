@@ -10,8 +10,9 @@ How (coarse to fine, ``levels`` levels, level ``l`` = input downsampled ``2**l``
    ``channels`` feature maps.
 3. From the coarsest level down: the field so far is upsampled to the level
    (:func:`emcore.field.resample_field`, values x2 per level), the source features are warped by it
-   (:func:`emcore.field.warp`), and the level's own small CNN predicts a residual field (px at that
-   level) from ``[warped source features, target features]``; the total becomes
+   (:func:`emcore.field.warp`), a local cost volume compares them with the target features at
+   every shift within ``radius`` px (cosine similarity), and the level's own small CNN predicts a
+   residual field (px at that level) from ``[cost volume, target features]``; the total becomes
    ``compose(residual, field)`` (:func:`emcore.field.compose`: first the field so far, then the
    residual).
 
@@ -47,13 +48,14 @@ def downsample_data_mean(image: torch.Tensor) -> torch.Tensor:
 class PyramidAligner(nn.Module):
     """Shared features + one residual-field CNN per level (see module docstring)."""
 
-    def __init__(self, levels: int = 4, channels: int = 8, hidden: int = 16) -> None:
+    def __init__(self, levels: int = 4, channels: int = 8, hidden: int = 16, radius: int = 3) -> None:
         super().__init__()
         if levels < 1 or channels < 1 or hidden < 1:
             raise ValueError(
                 f"PyramidAligner needs levels, channels, hidden >= 1, got {levels}, {channels}, {hidden}"
             )
-        self.levels, self.channels, self.hidden = levels, channels, hidden
+        self.levels, self.channels, self.hidden, self.radius = levels, channels, hidden, radius
+        cost_channels = (2 * radius + 1) ** 2
         self.size_multiple = 2 ** (levels - 1)
         self.features = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
@@ -68,7 +70,7 @@ class PyramidAligner(nn.Module):
             nn.init.zeros_(last.bias)
             self.residuals.append(
                 nn.Sequential(
-                    nn.Conv2d(2 * channels, hidden, 3, padding=1),
+                    nn.Conv2d(cost_channels + channels, hidden, 3, padding=1),
                     nn.LeakyReLU(0.1),
                     nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2),
                     nn.LeakyReLU(0.1),
@@ -80,9 +82,33 @@ class PyramidAligner(nn.Module):
 
     def config_kwargs(self) -> dict[str, Any]:
         """The kwargs that rebuild this architecture (for the model config)."""
-        return {"levels": self.levels, "channels": self.channels, "hidden": self.hidden}
+        kwargs = {"levels": self.levels, "channels": self.channels, "hidden": self.hidden}
+        return {**kwargs, "radius": self.radius}
+
+    def cost_volume(self, feat_src: torch.Tensor, feat_tgt: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of target features with source features shifted by every ``(dx, dy)``
+        in ``[-radius, radius]^2``: ``(N, (2 radius + 1)^2, h, w)`` (0 outside the source)."""
+        r = self.radius
+        src = F.normalize(feat_src, dim=1)
+        tgt = F.normalize(feat_tgt, dim=1)
+        h, w = src.shape[-2:]
+        padded = F.pad(src, (r, r, r, r))
+        costs = [
+            (tgt * padded[..., r + dy : r + dy + h, r + dx : r + dx + w]).sum(dim=1)
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+        ]
+        return torch.stack(costs, dim=1)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(src, tgt)[0][0]
+
+    def forward_levels(
+        self, src: torch.Tensor, tgt: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``(fields, src_pyramid, tgt_pyramid)``, finest first: ``fields[l]`` is the total field
+        after level ``l`` in px at that level (``fields[0]`` is the output); the pyramids are the
+        images at each level (for per-level training losses)."""
         if src.shape != tgt.shape or src.ndim != 4 or src.shape[1] != 1:
             raise ValueError(
                 f"src and tgt must both be (N, 1, H, W), got {tuple(src.shape)} and {tuple(tgt.shape)}"
@@ -98,6 +124,7 @@ class PyramidAligner(nn.Module):
             src_pyr.append(downsample_data_mean(src_pyr[-1]))
             tgt_pyr.append(downsample_data_mean(tgt_pyr[-1]))
         field: torch.Tensor | None = None
+        fields: list[torch.Tensor] = []
         for level in reversed(range(self.levels)):
             s, t = src_pyr[level], tgt_pyr[level]
             if field is None:
@@ -106,7 +133,11 @@ class PyramidAligner(nn.Module):
                 field = resample_field(field, 1, 0)
             feat_s = warp(self.features(s), field)
             feat_t = self.features(t)
-            residual = self.residuals[level](torch.cat((feat_s, feat_t), dim=1))
+            costs = self.cost_volume(feat_s, feat_t)
+            residual = self.residuals[level](torch.cat((costs, feat_t), dim=1))
+            # Each level corrects at most radius + 1 of its px: bounded, so training cannot explode.
+            bound = self.radius + 1.0
+            residual = bound * torch.tanh(residual / bound)
             field = compose(residual, field)
-        assert field is not None
-        return field
+            fields.insert(0, field)
+        return fields, src_pyr, tgt_pyr

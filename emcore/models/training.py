@@ -116,7 +116,9 @@ class TrainingLog:
     def final(self, fraction: float = 0.1) -> dict[str, float]:
         """Means over the last ``fraction`` of the steps (rounded to 4 significant digits)."""
         tail = self.rows[-max(1, math.ceil(len(self.rows) * fraction)) :]
-        return {k: float(f"{sum(r[k] for r in tail) / len(tail):.4g}") for k in tail[0]}
+        keys = dict.fromkeys(k for r in tail for k in r)  # rows may log some values only sometimes
+        means = {k: sum(r[k] for r in tail if k in r) / sum(k in r for r in tail) for k in keys}
+        return {k: float(f"{v:.4g}") for k, v in means.items()}
 
 
 @dataclass(frozen=True)
