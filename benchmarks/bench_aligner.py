@@ -43,7 +43,9 @@ BORDER = 24
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two pairs per row instead of five")
+    parser.add_argument(
+        "--quick", action="store_true", help="two pairs per row instead of five (still the shared data)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="pyramid_aligner", help="model name or config path")
     args = parser.parse_args()

@@ -89,7 +89,7 @@ def pooled(stats: list[ResidualStats]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one pair per setting")
+    parser.add_argument("--quick", action="store_true", help="one pair per setting (still the shared data)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -97,7 +97,7 @@ def main() -> None:
     print("Encoder benchmark: finetuner residual vs the known field on held-out real EM with artifacts")
     print("(px at the pair's mip; mean over pairs of the per-pair median / p95; ratio = encoded / raw)\n")
     header = (
-        f"{'encoder':<20} {'data':<22} {'pairs':>5} {'identity':>15} {'raw images':>15} "
+        f"{'encoder':<20} {'data':<30} {'pairs':>5} {'identity':>15} {'raw images':>15} "
         f"{'encodings':>15} {'ratio med':>9} {'time raw/enc s':>15}"
     )
     print(header)
@@ -123,7 +123,7 @@ def main() -> None:
         nm = DATASETS[dataset].base_nm * 2**mip
         data = f"{dataset} mip {mip} ({nm:g} nm, {size}px)"
         print(
-            f"{name:<20} {data:<22} {len(pairs):>5} {im:>7.3f}/{ip:<7.3f} {rm:>7.3f}/{rp:<7.3f} "
+            f"{name:<20} {data:<30} {len(pairs):>5} {im:>7.3f}/{ip:<7.3f} {rm:>7.3f}/{rp:<7.3f} "
             f"{em:>7.3f}/{ep:<7.3f} {em / rm:>9.2f} {t_raw:>7.1f}/{t_enc:<7.1f}"
         )
 
