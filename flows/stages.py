@@ -27,7 +27,7 @@ from flows.params import AlignParams, DownsampleParams
 from flows.runtime import wait_all
 from tasks.coarse import coarse_pair_task
 from tasks.encode import encode_chunk_task, resolve_encoder
-from tasks.finetune import finetune_chunk_task
+from tasks.finetune import blend_chunk_task, finetune_chunk_task
 from tasks.markers import count
 from tasks.normalize import normalize_chunk_task, section_stats_task
 from tasks.pyramid import downsample_chunk_task, pyramid_chunks
@@ -250,24 +250,29 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
     region = params.region(image, mip)
     chunks = list(image.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1)))
     xy_chunks = [c for c in chunks if c.start[2] == region.start[2]]
+    smallest = min(min(c.shape[0], c.shape[1]) for c in xy_chunks)
+    margin = min(params.pad // 2, smallest // 2)
+    options = {"pad": params.pad, "margin": margin, "bounds": region, "sm": params.sm,
+               "num_iter": params.num_iter, "defects": params.defects}
     futures = [
         finetune_chunk_task.submit(
-            image.path,
-            layout.pairwise(k),
-            box,
-            z,
-            k,
-            mip,
-            params.coarse_mip,
-            pad=params.pad,
-            sm=params.sm,
-            num_iter=params.num_iter,
-            defects=params.defects,
+            image.path, layout.pairwise(k), box, z, k, mip, params.coarse_mip, **options
         )
         for z, k in used
         for box in xy_chunks
     ]
     outcomes = wait_all(futures, "finetune")
+    run_key = json.dumps(
+        {**options, "bounds": str(region), "image": image.path, "coarse_mip": params.coarse_mip},
+        sort_keys=True, default=str,
+    )
+    futures = [
+        blend_chunk_task.submit(layout.pairwise(k), box, z, k, mip, margin=margin, bounds=region,
+                                cores=xy_chunks, inputs=run_key)
+        for z, k in used
+        for box in xy_chunks
+    ]
+    outcomes += wait_all(futures, "finetune blend")
     for k in sorted({k for _, k in used}):
         _provenance(
             open_layer(layout.pairwise(k)), f"sectionflow finetuned pairwise fields z -> z-{k}", params

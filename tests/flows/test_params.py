@@ -1,0 +1,60 @@
+"""Parameter validation fails before any work, with messages that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.params import AlignParams, DownsampleParams
+from tests.flows.conftest import tiny_params
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"sm": -1.0}, "sm"),
+        ({"num_iter": 0}, "num_iter"),
+        ({"chunk_xy": 48}, "multiple of the storage chunk"),
+        ({"finetune_mip": 2, "coarse_mip": 1}, "render_mip <= finetune_mip <= coarse_mip"),
+        ({"coarse_mip": 7}, "but the source has mips 0..2"),
+        ({"neighbours": 0}, "neighbours"),
+        ({"pad": 200}, "pad"),
+        ({"coarse_model": "bspline"}, "coarse_model"),
+        ({"bbox_nm": ((1e6, 1e6, 0), (2e6, 2e6, 100))}, "does not overlap"),
+    ],
+)
+def test_bad_values_fail_validation(tmp_path, tiny_stack, overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        tiny_params(tmp_path / "out", tiny_stack, **overrides)
+
+
+def test_missing_layers_fail_validation(tmp_path, tiny_stack):
+    with pytest.raises(ValidationError, match="no layer at .*nowhere"):
+        AlignParams(source=str(tmp_path / "nowhere"), output=str(tmp_path / "out"))
+    with pytest.raises(ValidationError, match="defects: no layer at"):
+        tiny_params(tmp_path / "out", tiny_stack, defects=str(tmp_path / "no_mask"))
+    with pytest.raises(ValidationError, match="layer: no layer at"):
+        DownsampleParams(layer=str(tmp_path / "nothing"))
+
+
+def test_unknown_parameter_is_rejected(tmp_path, tiny_stack):
+    with pytest.raises(ValidationError, match="finetune_mips"):
+        tiny_params(tmp_path / "out", tiny_stack, finetune_mips=2)
+
+
+def test_cli_reports_invalid_parameters_without_running(tmp_path, tiny_stack):
+    result = CliRunner().invoke(app, ["align-stack", "--source", tiny_stack["misaligned"], "--output",
+                                      str(tmp_path / "out"), "--set", "sm=-5"])
+    assert result.exit_code == 2
+    assert "invalid parameters" in result.output and "sm" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_lists_the_stages():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("normalize", "encode", "coarse-align", "finetune", "solve", "render", "downsample",
+                    "align-stack", "demo", "serve"):
+        assert command in result.output
