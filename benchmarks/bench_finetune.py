@@ -120,9 +120,10 @@ def run(quick: bool, include_sofima: bool = True) -> None:
               f"{r.seconds:7.2f}")  # fmt: skip
 
     ref_time = statistics.mean(r.seconds for r in rows if r.method == "elastix default")
-    print("\n## summary: mean over pairs of the per-pair median / p95 px; time = mean s per pair")
+    print("\n## summary: mean over pairs of the per-pair median / p95 px; time = mean s per pair; "
+          "speed = elastix default's s/pair / the method's (> 1: faster)")  # fmt: skip
     header = f"{'method':<34}" + "".join(f" {k + ' med/p95':>18}" for k in KINDS)
-    header += f" {'s/pair':>7} {'vs elastix default':>19} {'peak MiB':>9}"
+    header += f" {'s/pair':>7} {'speed vs elastix default':>25} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
     for name in all_methods:
@@ -135,18 +136,25 @@ def run(quick: bool, include_sofima: bool = True) -> None:
         secs = statistics.mean(r.seconds for r in rows if r.method == name)
         mib = memory.get(name)
         mem = f"{mib:9.1f}" if mib is not None else f"{'n/a':>9}"
-        line += f" {secs:7.2f} {ref_time / secs:18.2f}x {mem}"
+        line += f" {secs:7.2f} {ref_time / secs:24.2f}x {mem}"
         print(line)
 
-    # The plain reference, for the speed ratio.
+    # Where our time goes: one more run on the first smooth pair, per level.
     our_rows = [r for r in rows if r.method == OURS]
     smooth = next(c for c in cases if c.kind == "smooth")
+    result = finetune(smooth.src, smooth.tgt)
+    per_level = ", ".join(
+        f"mip {mip}: {int(n)} it {s:.2f} s"
+        for mip, n, s in zip(result.mips, result.iterations[:, 0], result.level_seconds, strict=True)
+    )
+    print(f"\n## ours per level on {smooth.name}: {per_level}; total {result.seconds:.2f} s")
+
+    # The plain reference, for the speed ratio.
     if quick:
         size, iters = 128, 200
         src, tgt = smooth.src[..., 192:320, 192:320], smooth.tgt[..., 192:320, 192:320]
         _, secs = plain_reference(src, tgt, iters)
         ref_rate = size * size * iters / 1e6 / secs
-        result = finetune(smooth.src, smooth.tgt)
         work = sum(
             (512 >> mip) ** 2 * int(n) for mip, n in zip(result.mips, result.iterations[:, 0], strict=True)
         )

@@ -81,6 +81,7 @@ class FinetuneResult:
         iterations: ``(L, N)`` int64 loss evaluations per level (coarsest first) and item.
         mips: the ``L`` level mips relative to the input, coarsest first.
         seconds: wall time of the call.
+        level_seconds: wall time of each level's optimization, coarsest first (``L`` floats).
         no_data: ``(N,)`` bool, items returned unchanged because ``src`` or ``tgt`` is all zero.
     """
 
@@ -90,6 +91,7 @@ class FinetuneResult:
     mips: tuple[int, ...]
     seconds: float
     no_data: torch.Tensor
+    level_seconds: tuple[float, ...] = ()
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -223,6 +225,7 @@ def finetune(
     field = field0.clone()
     loss = torch.full((n,), math.nan, dtype=torch.float32, device=src.device)
     iterations = torch.zeros(len(schedule), n, dtype=torch.int64, device=src.device)
+    level_seconds = tuple(0.0 for _ in schedule)
     if keep.numel():
         everything = keep.numel() == n
 
@@ -245,6 +248,7 @@ def finetune(
         field[keep] = out
         loss[keep] = outcomes[-1].loss
         iterations[:, keep] = torch.stack([o.iterations for o in outcomes])
+        level_seconds = tuple(o.seconds for o in outcomes)
     return FinetuneResult(
         field=field,
         loss=loss,
@@ -252,4 +256,5 @@ def finetune(
         mips=tuple(lv.mip for lv in schedule),
         seconds=time.perf_counter() - start,
         no_data=~has_data,
+        level_seconds=level_seconds,
     )

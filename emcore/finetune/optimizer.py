@@ -27,6 +27,7 @@ a field that was evaluated).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -84,12 +85,15 @@ class LevelOutcome:
         loss: ``(N,)`` loss of that field.
         iterations: ``(N,)`` int64 loss evaluations per item.
         halvings: ``(N,)`` int64 lr halvings per item (``max_halvings + 1`` = stopped on a plateau).
+        seconds: wall time of the run (host clock; on GPU it includes waiting for the device only
+            at the stop checks, so it is approximate until the caller synchronizes).
     """
 
     field: torch.Tensor
     loss: torch.Tensor
     iterations: torch.Tensor
     halvings: torch.Tensor
+    seconds: float
 
 
 def adam_finetune(
@@ -119,6 +123,7 @@ def adam_finetune(
     Returns:
         :class:`LevelOutcome`.
     """
+    start = time.perf_counter()
     s = schedule or AdamSchedule()
     if check_every is None:
         check_every = 1 if field.device.type == "cpu" else 50
@@ -181,4 +186,4 @@ def adam_finetune(
         if (it + 1) % check_every == 0 and not bool(active.any()):
             break
 
-    return LevelOutcome(best_field, best_loss, iterations, halvings)
+    return LevelOutcome(best_field, best_loss, iterations, halvings, time.perf_counter() - start)
