@@ -53,7 +53,8 @@ class Pair:
 
 
 def make_pairs(dataset: str, mip: int, max_displacement: float, count: int, seed: int) -> list[Pair]:
-    """Held-out pairs ``(z, z - 1)`` of ``dataset`` at ``mip`` with a known field and artifacts."""
+    """``count`` held-out pairs ``(z, z - 1)`` of ``dataset`` at ``mip`` with a known field and
+    artifacts; past the last section the neighbour pairs repeat with new fields and artifacts."""
     held = HELD_OUT[dataset]
     stack = load_stack(dataset, mip, held)
     _, _, h, w = stack.shape
@@ -61,8 +62,9 @@ def make_pairs(dataset: str, mip: int, max_displacement: float, count: int, seed
     stack = stack[..., :size, :size]
     gen = torch.Generator().manual_seed(seed)
     pairs = []
-    for i in range(1, min(count + 1, len(held))):
-        applied = smooth_field(size, size, max_displacement, grid=min(4, size // 32 + 1), seed=seed + i)
+    for j in range(count):
+        i = 1 + j % (len(held) - 1)
+        applied = smooth_field(size, size, max_displacement, grid=min(4, size // 32 + 1), seed=seed + j + 1)
         # The inverse is extrapolated where the field reads outside the image: check the interior.
         true = true_alignment_field(applied, border=max(2 * round(max_displacement) + 4, size // 4))
         fixed = add_artifacts(stack[i : i + 1], gen)
@@ -91,14 +93,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one pair per setting (still the shared data)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=8, help="pairs per setting (default 8)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    count = 1 if args.quick else 3
+    count = 1 if args.quick else args.pairs
     print("Encoder benchmark: finetuner residual vs the known field on held-out real EM with artifacts")
-    print("(px at the pair's mip; mean over pairs of the per-pair median / p95; ratio = encoded / raw)\n")
+    print("(px at the pair's mip; mean over pairs of the per-pair median / p95; ratio = encoded / raw;")
+    print("per-pair ratios of the medians: min-max, and on how many pairs the encodings won)\n")
     header = (
         f"{'encoder':<20} {'data':<30} {'pairs':>5} {'identity':>15} {'raw images':>15} "
-        f"{'encodings':>15} {'ratio med':>9} {'time raw/enc s':>15}"
+        f"{'encodings':>15} {'ratio med':>9} {'per-pair':>11} {'won':>5} {'time raw/enc s':>15}"
     )
     print(header)
     print("-" * len(header))
@@ -120,11 +124,14 @@ def main() -> None:
             enc.append(residual(finetune(e_moving, e_fixed).field, pair, border))
             t_enc += time.perf_counter() - start
         (im, ip), (rm, rp), (em, ep) = pooled(ident), pooled(raw), pooled(enc)
+        per_pair = [e.median / r.median for e, r in zip(enc, raw, strict=True)]
+        spread = f"{min(per_pair):.2f}-{max(per_pair):.2f}"
+        won = f"{sum(p < 1 for p in per_pair)}/{len(per_pair)}"
         nm = DATASETS[dataset].base_nm * 2**mip
         data = f"{dataset} mip {mip} ({nm:g} nm, {size}px)"
         print(
             f"{name:<20} {data:<30} {len(pairs):>5} {im:>7.3f}/{ip:<7.3f} {rm:>7.3f}/{rp:<7.3f} "
-            f"{em:>7.3f}/{ep:<7.3f} {em / rm:>9.2f} {t_raw:>7.1f}/{t_enc:<7.1f}"
+            f"{em:>7.3f}/{ep:<7.3f} {em / rm:>9.2f} {spread:>11} {won:>5} {t_raw:>7.1f}/{t_enc:<7.1f}"
         )
 
 
