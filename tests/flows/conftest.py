@@ -6,6 +6,8 @@
   processes=True)`` started once (after the API, so workers inherit its URL).
 * ``tiny_stack`` - the demo's deformation on 4 bundled sections cropped to 256 x 256 px (chunks
   64 px, mips 0-2), fold on section 2: ``{"registered", "misaligned", "defects", "true_fields"}``.
+* ``tiny_run`` - ``(params, result)`` of one real ``align_stack`` run on ``tiny_stack`` (chunked:
+  2 x 2 finetune chunks), shared by the end-to-end, rerun and chunking tests.
 * ``tiny_params(root, paths, **overrides)`` - :class:`AlignParams` for those tiny stacks: coarse
   mip 2 (64 px), finetune mip 1 (128 px, 2 x 2 chunks of 64 px + 16 px context), few iterations.
 """
@@ -66,3 +68,11 @@ def tiny_params(output: Any, paths: dict[str, str], **overrides: Any) -> Any:
                               "true_fields": paths["true_fields"], "output": str(output), **TINY}
     values.update(overrides)
     return AlignParams(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_stack: dict[str, str], dask_address: str) -> Any:
+    from flows.align_stack import align_stack
+
+    params = tiny_params(tmp_path_factory.mktemp("align") / "run", tiny_stack)
+    return params, align_stack(params, dask_address=dask_address)

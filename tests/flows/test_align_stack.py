@@ -11,14 +11,11 @@ from cloudfiles import CloudFiles
 from emcore.layers import open_layer
 from flows.align_stack import align_stack
 from flows.layout import Layout
-from tests.flows.conftest import tiny_params
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory, tiny_stack, dask_address):
-    out = tmp_path_factory.mktemp("align") / "run"
-    params = tiny_params(out, tiny_stack)
-    return params, align_stack(params, dask_address=dask_address)
+@pytest.fixture
+def first_run(tiny_run):
+    return tiny_run
 
 
 def test_align_stack_reduces_residual_and_raises_correlation(first_run):
