@@ -20,8 +20,9 @@ A_z)``), seeded per section so it is the same on every run:
 * section ``FOLD_SECTION`` (6) also gets a fold-like defect (:func:`emcore.synthetic.fold_field`,
   12 px band at 30 deg), with its mask.
 
-The truth ``G_z = invert(A_z)`` (``true_alignment_field``; for the fold section the fold part is
-inverted exactly: the band itself has no inverse and is excluded from the residual).
+The truth ``G_z = invert(A_z)`` (``true_alignment_field``, computed at the finetune mip, mip 2; for
+the fold section the fold part is inverted exactly: the band itself has no inverse and is excluded
+from the residual).
 
 Mip choice (2 CPU cores, a few minutes): coarse alignment at mip 3 (128 px sections, shifts <= 5 px
 there), finetuning and final fields at mip 2 (256 px, chunks of 128 px + 32 px context), rendering
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from emcore.bundled import VNC_RESOLUTION_NM, VNC_STACK_DIR
-from emcore.field import compose, warp
+from emcore.field import compose, resample_field, warp
 from emcore.geometry import VoxelBox
 from emcore.layers import create_layer
 from emcore.stack_import import import_stack
@@ -61,31 +62,33 @@ CHUNK = (128, 128, 1)
 
 
 def deformation(
-    z: int, height: int, width: int, *, fold_section: int | None = FOLD_SECTION
+    z: int, height: int, width: int, *, fold_section: int | None = FOLD_SECTION, truth_mip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(applied A_z, true G_z, defect mask or None)`` for section ``z`` (see the module docstring).
 
-    Fields ``(1, 2, height, width)`` float32 px at mip 0; mask ``(1, 1, height, width)`` bool.
+    ``A_z`` ``(1, 2, height, width)`` float32 px at mip 0 and the mask ``(1, 1, height, width)``
+    bool; the truth ``G_z`` is computed directly at ``truth_mip`` (``(1, 2, height / 2**truth_mip,
+    width / 2**truth_mip)``, px at that mip), which is much cheaper than inverting at mip 0.
     """
+    f = 2**truth_mip
     if z == 0:
-        zero = torch.zeros(1, 2, height, width)
-        return zero, zero, None
+        return torch.zeros(1, 2, height, width), torch.zeros(1, 2, height // f, width // f), None
     gen = np.random.default_rng(1000 + z)
     rotation = float(gen.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
     shift = (float(gen.uniform(-MAX_SHIFT_PX, MAX_SHIFT_PX)), float(gen.uniform(-MAX_SHIFT_PX, MAX_SHIFT_PX)))
     rigid = affine_field(height, width, rotation_deg=rotation, translation=shift)
     elastic = smooth_field(height, width, ELASTIC_PX, grid=4, seed=z)
     applied = compose(rigid, elastic)
-    truth = true_alignment_field(applied, border=int(MAX_SHIFT_PX) + 16)
+    truth = true_alignment_field(resample_field(applied, 0, truth_mip), border=(int(MAX_SHIFT_PX) + 16) // f)
     mask = None
     if z == fold_section:
         fold, mask = fold_field(height, width, **FOLD)
         undo = fold_field(
-            height,
-            width,
+            height // f,
+            width // f,
             angle_deg=FOLD["angle_deg"],
-            offset_px=FOLD["offset_px"] - FOLD["fold_width_px"],
-            fold_width_px=-FOLD["fold_width_px"],
+            offset_px=(FOLD["offset_px"] - FOLD["fold_width_px"]) / f,
+            fold_width_px=-FOLD["fold_width_px"] / f,
         )[0]
         applied = compose(fold, applied)
         truth = compose(truth, undo)
@@ -101,6 +104,7 @@ def prepare_demo(
     blank_section: int | None = None,
     chunk: int = CHUNK[0],
     num_mips: int = NUM_MIPS,
+    truth_mip: int = 2,
 ) -> dict[str, str]:
     """Steps 1-2: the registered, misaligned, defect-mask and true-field layers under ``root``.
 
@@ -110,6 +114,8 @@ def prepare_demo(
         fold_section: the section with the fold (``None``: no fold).
         blank_section: optionally blank out one section (all zero) to show it is handled.
         chunk, num_mips: storage chunk (x, y px) and mips of the layers.
+        truth_mip: the mip at which ``true_fields`` is written (the run's finetune mip: the report
+            compares the final fields with it there); coarser mips are downsampled.
 
     Returns:
         ``{"registered", "misaligned", "defects", "true_fields"}`` layer paths.
@@ -127,6 +133,7 @@ def prepare_demo(
         "blank": blank_section,
         "chunk": chunk,
         "num_mips": num_mips,
+        "truth_mip": truth_mip,
         "shift": MAX_SHIFT_PX,
         "rot": MAX_ROTATION_DEG,
         "elastic": ELASTIC_PX,
@@ -162,16 +169,18 @@ def prepare_demo(
     for z in range(nz):
         section = VoxelBox((region.start[0], region.start[1], z), (region.stop[0], region.stop[1], z + 1))
         image = torch.from_numpy(registered.read(section, 0).astype(np.float32))
-        applied, truth, mask = deformation(z, h, w, fold_section=fold_section)
+        applied, truth, mask = deformation(z, h, w, fold_section=fold_section, truth_mip=truth_mip)
         warped = warp(image, applied).round().clamp(0, 255).to(torch.uint8).numpy()
         if z == blank_section:
             warped[:] = 0
         box = VoxelBox((0, 0, z), (w, h, z + 1))
         mis.write(box, warped, 0)
         defects.write(box, (mask if mask is not None else torch.zeros(1, 1, h, w)).to(torch.uint8).numpy(), 0)
-        truth_layer.write(box, truth.numpy(), 0)
-    for layer in (mis, defects, truth_layer):
-        layer.downsample(layer.bounds(0), 0)
+        truth_layer.write(truth_layer.bounds(truth_mip).intersection(
+            VoxelBox((0, 0, z), (w, h, z + 1))), truth.numpy(), truth_mip)
+    for layer, mip in ((mis, 0), (defects, 0), (truth_layer, truth_mip)):
+        if mip < layer.num_mips - 1:
+            layer.downsample(layer.bounds(mip), mip)
         layer.add_provenance(
             "sectionflow demo: bundled VNC stack misaligned by a known deformation (flows/demo.py)",
             spec,

@@ -9,7 +9,7 @@
 * ``tiny_run`` - ``(params, result)`` of one real ``align_stack`` run on ``tiny_stack`` (chunked:
   2 x 2 finetune chunks), shared by the end-to-end, rerun and chunking tests.
 * ``tiny_params(root, paths, **overrides)`` - :class:`AlignParams` for those tiny stacks: coarse
-  mip 2 (64 px), finetune mip 1 (128 px, 2 x 2 chunks of 64 px + 16 px context), few iterations.
+  mip 2 (64 px), finetune mip 1 (128 px, 2 x 2 chunks of 64 px + 16 px context), 40 iterations.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-TINY = {"coarse_mip": 2, "finetune_mip": 1, "chunk_xy": 64, "pad": 16, "num_iter": 60}
+TINY = {"coarse_mip": 2, "finetune_mip": 1, "chunk_xy": 64, "pad": 16, "num_iter": 40}
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from flows.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("tiny_stack")
-    return prepare_demo(root, sections=4, crop=256, fold_section=2, chunk=64, num_mips=3)
+    return prepare_demo(root, sections=4, crop=256, fold_section=2, chunk=64, num_mips=3, truth_mip=1)
 
 
 def tiny_params(output: Any, paths: dict[str, str], **overrides: Any) -> Any:

@@ -58,3 +58,12 @@ def test_cli_help_lists_the_stages():
     for command in ("normalize", "encode", "coarse-align", "finetune", "solve", "render", "downsample",
                     "align-stack", "demo", "serve"):
         assert command in result.output
+
+
+def test_deployments_cover_every_flow_with_a_paused_schedule():
+    from flows.deployments import deployments
+
+    deps = {d.name: d for d in deployments()}
+    for name in ("normalize", "encode", "coarse_align", "finetune", "solve", "render", "downsample"):
+        assert f"{name}-local" in deps
+    assert deps["align_stack-local"].schedules and deps["align_stack-local"].paused
