@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,8 +88,10 @@ def elastix_field(
         log_to_console=False,
         number_of_threads=threads,
     )
-    deformation = itk.transformix_deformation_field(moving, transform)
-    u = np.asarray(deformation, dtype=np.float32)  # (S, S, 2), components (x, y), px
+    # transformix writes deformationField.nii into its output directory (the cwd by default).
+    with tempfile.TemporaryDirectory() as scratch:
+        deformation = itk.transformix_deformation_field(moving, transform, output_directory=scratch)
+        u = np.asarray(deformation, dtype=np.float32)  # (S, S, 2), components (x, y), px
     return torch.from_numpy(np.ascontiguousarray(u.transpose(2, 0, 1)))[None]
 
 

@@ -172,7 +172,8 @@ def build_report(
             ),
         )
     )
-    z_scale = max(1, round(src.resolution(mip)[2] / src.resolution(mip)[0]))
+    # True aspect (z nm / xy nm), but at least ~128 px tall so a short stack stays readable.
+    z_scale = max(1, round(src.resolution(mip)[2] / src.resolution(mip)[0]), -(-128 // max(1, len(zs))))
     z_scale = min(z_scale, max(1, 256 // max(1, len(zs))))
     y = before.shape[1] // 2
     files["xz_reslice"] = str(
