@@ -11,7 +11,7 @@ from emcore.field import warp
 from emcore.models import encode_tiled, load_model
 from emcore.models.em_data import load_stack
 from emcore.models.format import sha256_file
-from emcore.models.registry import SHIPPED_MODELS, WEIGHTS_DIR
+from emcore.models.registry import AUTO_ENCODERS, SHIPPED_MODELS, WEIGHTS_DIR
 from emcore.synthetic import affine_field, true_alignment_field
 
 ENCODERS = [name for name in SHIPPED_MODELS if name.startswith("encoder_")]
@@ -28,6 +28,10 @@ def test_shipped_model_loads_with_provenance(name: str) -> None:
     assert provenance["steps"] > 0 and provenance["data"] and provenance["code_version"]
     assert all(math.isfinite(v) for v in provenance["final_losses"].values())
     assert name in (WEIGHTS_DIR / "README.md").read_text()
+
+
+def test_auto_encoders_are_shipped_encoders() -> None:
+    assert AUTO_ENCODERS and set(AUTO_ENCODERS) <= set(ENCODERS)
 
 
 @pytest.mark.parametrize("name", ENCODERS)

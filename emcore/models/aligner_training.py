@@ -16,9 +16,10 @@ purely self-supervised recipe.
 
 API summary
 -----------
-* ``AlignerRecipe``, ``ALIGNER_RECIPE``.
-* ``large_deformation(size, gen, max_px, fold_probability) -> Deformation`` (``applied`` field,
-  ``true`` alignment field, ``defects`` mask in the target frame).
+* ``AlignerRecipe``, ``ALIGNER_RECIPE`` (the stand-alone aligner), ``REFINER_RECIPE`` (the
+  self-supervised refiner after the classical affine aligner), ``ALIGNER_RECIPES`` (by model name).
+* ``large_deformation(size, gen, max_px, fold_probability, affine_scale=1) -> Deformation``
+  (``applied`` field, ``true`` alignment field, ``defects`` mask in the target frame).
 * ``train_aligner(recipe, *, steps=None, seed=0, log=print) -> (PyramidAligner, TrainingLog)``.
 """
 
@@ -40,7 +41,15 @@ from emcore.models.pyramid_aligner import PyramidAligner
 from emcore.models.training import Source, TrainingLog
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
 
-__all__ = ["ALIGNER_RECIPE", "AlignerRecipe", "Deformation", "large_deformation", "train_aligner"]
+__all__ = [
+    "ALIGNER_RECIPE",
+    "ALIGNER_RECIPES",
+    "REFINER_RECIPE",
+    "AlignerRecipe",
+    "Deformation",
+    "large_deformation",
+    "train_aligner",
+]
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,32 @@ class AlignerRecipe:
     supervision_weight: float = 1.0
     gaps: tuple[int, ...] = (1, 2)
     threads: int = 1
+    affine_scale: float = 1.0
+    curriculum_fraction: float = 0.0
 
 
 ALIGNER_RECIPE = AlignerRecipe(
     resolution_nm=(32.0, 80.0),
     sources=(Source("vnc", 3, 128), Source("medulla", 2, 128)),
 )
+
+# The refiner runs after the classical affine aligner (emcore.coarse_xcorr.coarse_align), so it
+# sees what that leaves: a small affine error (affine_scale 0.1: rotation <= 0.3 deg, translation
+# <= 0.84 px), the non-affine smooth part (up to 0.25 x 14 = 3.5 px) and folds. Purely
+# self-supervised; the deformations grow from 30% to full size over the first 40% of the steps.
+# Rigidity 25 (not 5): with 5 the refiner followed section-to-section content changes and made the
+# classical result worse (1.4-1.8x in benchmarks/bench_aligner.py); 100 was too stiff.
+REFINER_RECIPE = AlignerRecipe(
+    resolution_nm=(32.0, 80.0),
+    sources=(Source("vnc", 3, 64), Source("medulla", 2, 64)),
+    levels=3,
+    steps=900,
+    rigidity_weight=25.0,
+    supervision_weight=0.0,
+    affine_scale=0.1,
+    curriculum_fraction=0.4,
+)
+ALIGNER_RECIPES = {"pyramid_aligner": ALIGNER_RECIPE, "pyramid_refiner": REFINER_RECIPE}
 
 
 @dataclass(frozen=True)
@@ -84,7 +113,13 @@ def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
 
 
 def large_deformation(
-    size: int, gen: torch.Generator, max_px: float, fold_probability: float = 0.5, *, with_true: bool = True
+    size: int,
+    gen: torch.Generator,
+    max_px: float,
+    fold_probability: float = 0.5,
+    *,
+    with_true: bool = True,
+    affine_scale: float = 1.0,
 ) -> Deformation:
     """A random large deformation of a ``size`` px square: up to about ``max_px`` px displacement.
 
@@ -92,11 +127,12 @@ def large_deformation(
     ``0.25 * max_px``), and with probability ``fold_probability`` a fold of 1.5-4 px
     (:func:`emcore.synthetic.fold_field`) applied first (``moving = warp(warp(section, fold),
     smooth_affine)``). ``with_true=False`` skips computing ``true`` (an iterative inversion,
-    the slowest part; the random draws are the same either way).
+    the slowest part; the random draws are the same either way). ``affine_scale`` scales the
+    rotation and translation only (0.1: what is left after an affine pre-alignment).
     """
-    angle = _uniform(gen, -3.0, 3.0)
+    angle = _uniform(gen, -3.0, 3.0) * affine_scale
     direction = _uniform(gen, 0.0, 2 * math.pi)
-    shift = _uniform(gen, 0.2, 0.6) * max_px
+    shift = _uniform(gen, 0.2, 0.6) * max_px * affine_scale
     translation = (shift * math.cos(direction), shift * math.sin(direction))
     affine = affine_field(size, size, rotation_deg=angle, translation=translation)
     seed = int(torch.randint(0, 2**31, (), generator=gen))
@@ -145,6 +181,7 @@ def train_aligner(
     gen = torch.Generator().manual_seed(seed)
     stacks = [load_stack(s.dataset, s.mip, training_sections(s.dataset)) for s in recipe.sources]
     net = PyramidAligner(levels=recipe.levels, channels=recipe.channels, hidden=recipe.hidden)
+    ramp_steps = recipe.curriculum_fraction * steps
     optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history = TrainingLog()
@@ -163,8 +200,14 @@ def train_aligner(
             x = int(torch.randint(0, width - crop + 1, (), generator=gen))
             pair = stack[[z, z - gap], :, y : y + crop, x : x + crop]
             pair = pair.rot90(int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
+            grown = min(1.0, 0.3 + 0.7 * step / ramp_steps) if ramp_steps else 1.0
             deformation = large_deformation(
-                crop, gen, recipe.max_displacement, recipe.fold_probability, with_true=check
+                crop,
+                gen,
+                recipe.max_displacement * grown,
+                recipe.fold_probability,
+                with_true=check,
+                affine_scale=recipe.affine_scale,
             )
             tgts.append(pair[:1])
             movings.append(warp(pair[1:], deformation.applied))
@@ -219,7 +262,7 @@ def train_aligner(
         if log is not None and (step % log_every == 0 or step == steps - 1):
             r = history.rows[-1]
             log(
-                f"pyramid_aligner step {step:4d}/{steps}: loss {r['loss']:.3f} (mse {r['mse']:.3f}, "
+                f"aligner step {step:4d}/{steps}: loss {r['loss']:.3f} (mse {r['mse']:.3f}, "
                 f"rigidity {r['rigidity']:.4f}); median residual {r['residual_px']:.2f} px "
                 f"(identity {r['identity_residual_px']:.2f} px) [{time.perf_counter() - start:.0f} s]"
             )

@@ -6,6 +6,8 @@ A shipped model is a config ``<name>.json`` plus its weights ``<name>.safetensor
 API summary
 -----------
 * ``SHIPPED_MODELS``: the names, with a one-line description each.
+* ``AUTO_ENCODERS``: the shipped encoders measured to help the finetuner (``encoder="auto"`` should
+  pick only these; the others are shipped but not used by default).
 * ``WEIGHTS_DIR``: the folder holding them.
 * ``shipped_config_path(name) -> Path``: the config file of a shipped model; a clear error for an
   unknown name (listing the known ones) or a missing file (an incomplete install).
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from emcore.errors import SectionflowError
 
-__all__ = ["SHIPPED_MODELS", "WEIGHTS_DIR", "UnknownModelError", "shipped_config_path"]
+__all__ = ["AUTO_ENCODERS", "SHIPPED_MODELS", "WEIGHTS_DIR", "UnknownModelError", "shipped_config_path"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -26,7 +28,14 @@ SHIPPED_MODELS: dict[str, str] = {
     "encoder_64_256nm": "encoder for sections at 64-256 nm/px (trained at mip 4-5 of 4.6 nm ssTEM)",
     "encoder_256_2048nm": "encoder for sections at 256-2048 nm/px (trained at 147-160 nm: see README)",
     "pyramid_aligner": "learned multi-level coarse aligner for large deformations and folds",
+    "pyramid_refiner": "learned refinement after the classical affine coarse aligner (folds, "
+    "non-affine residual); self-supervised",
 }
+
+# On held-out pairs with artifacts (benchmarks/bench_encoders.py, 8 pairs per row, see
+# weights/README.md) only encoder_64_256nm lowered the finetuner's residual (ratio 0.64, 7/8 pairs);
+# encoder_16_64nm (1.10 / 1.26) and encoder_256_2048nm (1.28) made it worse than raw images.
+AUTO_ENCODERS: tuple[str, ...] = ("encoder_64_256nm",)
 
 
 class UnknownModelError(SectionflowError, ValueError):

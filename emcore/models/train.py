@@ -2,6 +2,7 @@
 
     python -m emcore.models.train encoder_16_64nm [--steps N] [--seed S] [--threads T] [--out DIR]
     python -m emcore.models.train pyramid_aligner [...]
+    python -m emcore.models.train pyramid_refiner [...]
 
 Writes ``<out>/<name>.json`` and ``<out>/<name>.safetensors`` (default ``out`` =
 ``emcore/models/weights``, i.e. replaces the shipped model) with the command, data, steps, final
@@ -91,10 +92,12 @@ def train_and_save(
                 "code_version": code_version(),
             },
         )
-    elif name == "pyramid_aligner":
-        from emcore.models.aligner_training import ALIGNER_RECIPE, train_aligner
+    elif name in ("pyramid_aligner", "pyramid_refiner"):
+        from emcore.models.aligner_training import ALIGNER_RECIPES, train_aligner
 
-        recipe = ALIGNER_RECIPE if not threads else dataclasses.replace(ALIGNER_RECIPE, threads=threads)
+        recipe = ALIGNER_RECIPES[name]
+        if threads:
+            recipe = dataclasses.replace(recipe, threads=threads)
         network, history = train_aligner(recipe, steps=steps, seed=seed, log=log)
         config = ModelConfig(
             name=name,
@@ -114,6 +117,7 @@ def train_and_save(
                 "seed": seed,
                 "final_losses": history.final(),
                 "final_losses_note": "means over the last 10% of steps; residual_px = |field - true| median",
+                "supervision_weight": recipe.supervision_weight,
                 "seconds": round(history.seconds, 1),
                 "threads": recipe.threads,
                 "torch": torch.__version__,
