@@ -9,6 +9,7 @@ Modules
 * :mod:`emcore.models.encoder` - the encoder network (a small U-Net).
 * :mod:`emcore.models.encode` - apply an encoder to images in tiles with context (seamless).
 * :mod:`emcore.models.pyramid_aligner` - the learned multi-level coarse aligner.
+* :mod:`emcore.models.refine` - classical affine coarse alignment, then the learned refiner.
 * :mod:`emcore.models.artifacts` - realistic EM artifact augmentation for training and benchmarks.
 * :mod:`emcore.models.em_data` - the real EM training stacks at a given mip (held-out sections).
 * :mod:`emcore.models.losses` - metric-learning encoder loss, self-supervised aligner loss.

@@ -12,7 +12,9 @@ that level's images). Because the training deformations are synthetic, their fie
 ``|compose(field, applied)|^2`` (px^2, 0 exactly when ``field`` undoes ``applied``; no inversion
 needed) outside the fold band, per level. Without it, 300 self-supervised steps on this CPU
 learned too little (see ``emcore/models/weights/README.md``); ``supervision_weight=0`` gives the
-purely self-supervised recipe.
+purely self-supervised recipe. ``REFINER_RECIPE`` (the shipped ``pyramid_refiner``) is purely
+self-supervised: it learns only what remains after the classical affine aligner
+(:mod:`emcore.models.refine`).
 
 API summary
 -----------
