@@ -23,7 +23,7 @@ from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.models.encode import encode_tiled
 from emcore.models.format import Model, load_model
-from emcore.models.registry import SHIPPED_MODELS, shipped_config_path
+from emcore.models.registry import AUTO_ENCODERS, shipped_config_path
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 from tasks.retry import CHUNK_TASK_OPTIONS
@@ -32,10 +32,13 @@ __all__ = ["cached_model", "encode_chunk_task", "pick_encoder", "resolve_encoder
 
 
 def pick_encoder(resolution_nm: float) -> str | None:
-    """The shipped encoder meant for sections at ``resolution_nm`` nm/px, or ``None``."""
-    for name in sorted(SHIPPED_MODELS):
-        if not name.startswith("encoder"):
-            continue
+    """The shipped encoder meant for sections at ``resolution_nm`` nm/px, or ``None``.
+
+    Only encoders measured to help the finetuner are picked (``AUTO_ENCODERS``: on held-out pairs
+    with artifacts only ``encoder_64_256nm`` beat raw images, see emcore/models/weights/README.md);
+    at other resolutions "auto" means no encoder.
+    """
+    for name in AUTO_ENCODERS:
         try:
             lo, hi = json.loads(shipped_config_path(name).read_text())["resolution_nm"]
         except (FileNotFoundError, KeyError, ValueError):
