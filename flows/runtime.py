@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 
@@ -81,11 +82,18 @@ def ensure_local_api() -> str | None:
 
 
 def wait_all(futures: Sequence[PrefectFuture], stage: str) -> list[Any]:
-    """Results of ``futures`` (in submission order), logging progress every ~10% as they finish."""
+    """Results of ``futures`` (in submission order), reporting progress every ~10% as they finish.
+
+    Progress goes to the run's log and to a Prefect progress artifact (percent of chunks finished,
+    shown on the flow run's page in the UI).
+    """
     logger = get_run_logger()
     total = len(futures)
     step = max(1, total // 10)
+    artifact = create_progress_artifact(0.0, description=f"{stage}: chunks finished") if total else None
     for i, _ in enumerate(as_completed(list(futures)), start=1):
         if i % step == 0 or i == total:
             logger.info("%s: %d/%d chunks finished", stage, i, total)
+            if artifact is not None:
+                update_progress_artifact(artifact, 100.0 * i / total)
     return [f.result() for f in futures]

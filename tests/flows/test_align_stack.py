@@ -70,3 +70,18 @@ def test_rerun_after_lost_chunk_recomputes_only_that_chunk(first_run, dask_addre
     summary = run_stage(render_flow, params, dask_address)
     assert summary["done"] == 1
     assert summary["skipped"] > 0
+
+
+def test_stages_publish_progress_artifacts_that_reach_100_percent(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+        )
+    by_stage = {a.description: float(a.data) for a in artifacts}
+    for stage in ("normalize", "coarse_align", "finetune", "solve"):
+        key = f"{stage}: chunks finished"
+        assert key in by_stage, sorted(by_stage)
+        assert by_stage[key] == pytest.approx(100.0), (stage, by_stage[key])
