@@ -23,15 +23,14 @@ Data: the full run uses ``drosophila_vnc_stack1`` (1024 px TIFFs, centre 512 px 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from emcore.bundled import load_vnc_sections, shared_data_dir
 from emcore.field import compose, warp
 from emcore.normalize import normalize, section_stats
+from emcore.stack_import import read_section
 from emcore.synthetic import affine_field, smooth_field, true_alignment_field
 
 __all__ = ["KINDS", "Case", "load_sections", "make_case", "make_cases"]
@@ -60,15 +59,6 @@ def _centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[y : y + size, x : x + size]
 
 
-def _read(path: Path) -> np.ndarray:
-    if path.suffix in (".tif", ".tiff"):
-        import tifffile
-
-        return np.asarray(tifffile.imread(path))
-    with Image.open(path) as img:
-        return np.asarray(img)
-
-
 def load_sections(dataset: str, indices: list[int], size: int) -> np.ndarray:
     """``(Z, size, size)`` uint8 centre crops of ``dataset`` ("vnc", "medulla" or "bundled")."""
     if dataset == "bundled":
@@ -82,7 +72,7 @@ def load_sections(dataset: str, indices: list[int], size: int) -> np.ndarray:
         raise FileNotFoundError(
             f"{root} not found: set SECTIONFLOW_SHARED_DATA to the shared data folder, or use --quick"
         )
-    return np.stack([_centre_crop(_read(root / pattern.format(i)), size) for i in indices])
+    return np.stack([_centre_crop(read_section(root / pattern.format(i)), size) for i in indices])
 
 
 def _normalized(section: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from emcore.stack_import import read_section
 
 __all__ = [
     "REPO_ROOT",
@@ -58,8 +59,7 @@ def load_vnc_sections(
         path = VNC_STACK_DIR / f"{int(i):02d}.png"
         if not path.is_file():
             raise FileNotFoundError(f"bundled section {path} is missing; is the checkout complete?")
-        with Image.open(path) as img:
-            image = np.asarray(img)
+        image = read_section(path)
         sections.append(image if crop is None else image[crop[0], crop[1]])
     return np.stack(sections).astype(np.uint8, copy=False)
 

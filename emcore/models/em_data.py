@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from emcore.bundled import shared_data_dir
 from emcore.normalize import normalize, section_stats
 from emcore.pyramid import downsample_image
+from emcore.stack_import import read_section
 
 __all__ = ["DATASETS", "HELD_OUT", "Dataset", "load_stack", "training_sections"]
 
@@ -66,12 +66,7 @@ def _read(path: Path) -> np.ndarray:
             f"section {path} not found: set SECTIONFLOW_SHARED_DATA to the shared data folder "
             "(the one holding drosophila_vnc_stack1/)"
         )
-    if path.suffix == ".tif":
-        import tifffile
-
-        return np.asarray(tifffile.imread(path))
-    with Image.open(path) as img:
-        return np.asarray(img)
+    return read_section(path)
 
 
 def load_stack(dataset: str, mip: int, sections: Sequence[int] | None = None) -> torch.Tensor:
