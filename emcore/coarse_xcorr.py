@@ -47,10 +47,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from emcore.errors import BlankSectionError, SectionflowError
 from emcore.field import warp, warp_mask
+from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
     "MODELS",
@@ -535,14 +535,17 @@ def _rotated(
 
 
 def _half(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """2x2 mean of ``image`` where all four pixels are data and unmasked, else 0 (no data)."""
+    """2x2 mean of ``image`` where all four pixels are data and unmasked, else 0 (no data).
+
+    An odd last row / column is dropped. The mean is :func:`emcore.pyramid.downsample_image_torch`
+    of the usable pixels; blocks with any unusable pixel are cleared
+    (:func:`emcore.pyramid.downsample_mask_torch` of the unusable pixels).
+    """
     h, w = (image.shape[0] // 2) * 2, (image.shape[1] // 2) * 2
-    valid = _data_weight(image, mask, "image")[:h, :w]
-    image = image[:h, :w].to(torch.float64)
-    mean = F.avg_pool2d((image * valid)[None, None], 2)[0, 0]
-    full = F.avg_pool2d(valid[None, None], 2)[0, 0] >= 1.0
-    mean = torch.where(full & (mean == 0), torch.full_like(mean, 1e-6), mean)
-    return torch.where(full, mean, torch.zeros_like(mean)).to(torch.float32)
+    usable = _data_weight(image, mask, "image")[:h, :w] > 0
+    mean = downsample_image_torch(torch.where(usable, image[:h, :w], 0.0)[None, None])
+    partial = downsample_mask_torch(~usable[None, None])
+    return torch.where(partial, 0.0, mean)[0, 0].to(torch.float32)
 
 
 def _global_estimate(

@@ -8,7 +8,14 @@ import torch
 
 from emcore.field import resample_field, warp
 from emcore.normalize import TISSUE_FLOOR
-from emcore.pyramid import downsample, downsample_field, downsample_image, downsample_mask
+from emcore.pyramid import (
+    downsample,
+    downsample_field,
+    downsample_image,
+    downsample_image_torch,
+    downsample_mask,
+    downsample_mask_torch,
+)
 
 
 def test_image_mean_ignores_no_data_pixels():
@@ -85,3 +92,49 @@ def test_unknown_kind_and_bad_shape():
         downsample(np.zeros((1, 1, 2, 2)), "segmentation")
     with pytest.raises(ValueError, match=r"\(Z, C, Y, X\)"):
         downsample_image(np.zeros((2, 2)))
+
+
+def test_numpy_wrappers_equal_the_torch_implementation(vnc_sections):
+    """One implementation: the numpy entry points return exactly the torch functions' values."""
+    section = vnc_sections[:2, :67, :90].copy()[:, None]  # uint8, odd height
+    section[:, :, :20, :13] = 0
+    floats = np.where(section > 0, section.astype(np.float32) / 40 - 3, np.float32(0))
+    for image in (section, floats):
+        torch_out = downsample_image_torch(torch.from_numpy(image))
+        assert torch_out.dtype == torch.from_numpy(image).dtype
+        np.testing.assert_array_equal(downsample_image(image), torch_out.numpy())
+    mask = floats > 1.5
+    torch_mask = downsample_mask_torch(torch.from_numpy(mask))
+    np.testing.assert_array_equal(downsample_mask(mask), torch_mask.numpy())
+
+
+def test_torch_image_downsampler_rules_and_gradient():
+    image = torch.tensor([[[[10.0, 20.0, 0.0, 0.0, 5.0], [30.0, 0.0, 0.0, 0.0, 0.0]]]], requires_grad=True)
+    out = downsample_image_torch(image)
+    assert out.shape == (1, 1, 1, 3)
+    assert out.detach()[0, 0, 0].tolist() == [20.0, 0.0, 5.0]  # mean over data; no data stays 0; odd edge
+    out.sum().backward()
+    # d mean / d pixel = 1 / (data pixels in its block); blocks without data pass no gradient
+    expected = torch.tensor([[[[1 / 3, 1 / 3, 0, 0, 1], [1 / 3, 1 / 3, 0, 0, 1]]]])
+    assert torch.allclose(image.grad, expected)
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 2, 2] = True
+    assert downsample_mask_torch(mask)[0, 0].tolist() == [[False, False], [False, True]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_downsamplers_run_on_cuda_and_match_cpu(vnc_sections):
+    image = torch.from_numpy(vnc_sections[:2, :128, :96].astype(np.float32))[:, None] / 50
+    image[..., :30, :17] = 0
+    gpu = downsample_image_torch(image.cuda())
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), downsample_image_torch(image))
+    mask = image > 2
+    assert torch.equal(downsample_mask_torch(mask.cuda()).cpu(), downsample_mask_torch(mask))
+
+
+def test_torch_downsamplers_reject_numpy_and_bad_shapes():
+    with pytest.raises(TypeError, match="downsample_image"):
+        downsample_image_torch(np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        downsample_mask_torch(torch.zeros(2, 2))

@@ -5,7 +5,8 @@
 
 How (coarse to fine, ``levels`` levels, level ``l`` = input downsampled ``2**l`` times):
 
-1. Image pyramids of ``src`` and ``tgt`` (2x2 mean over data pixels, so 0 = no data stays 0).
+1. Image pyramids of ``src`` and ``tgt`` (:func:`emcore.pyramid.downsample_image_torch`: 2x2 mean
+   over data pixels, so 0 = no data stays 0).
 2. One shared feature extractor (two 3x3 convolutions) turns every level of both pyramids into
    ``channels`` feature maps.
 3. From the coarsest level down: the field so far is upsampled to the level
@@ -31,18 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from emcore.field import compose, resample_field, warp
+from emcore.pyramid import downsample_image_torch
 
-__all__ = ["PyramidAligner", "downsample_data_mean"]
-
-
-def downsample_data_mean(image: torch.Tensor) -> torch.Tensor:
-    """2x2 mean over pixels with data (nonzero), 0 where a block has none: ``(N, C, H/2, W/2)``.
-
-    The differentiable torch twin of :func:`emcore.pyramid.downsample_image` for even sizes.
-    """
-    has = (image != 0).to(image.dtype)
-    count = F.avg_pool2d(has, 2)
-    return F.avg_pool2d(image, 2) / count.clamp(min=0.25) * (count > 0)
+__all__ = ["PyramidAligner"]
 
 
 class PyramidAligner(nn.Module):
@@ -121,8 +113,8 @@ class PyramidAligner(nn.Module):
             )
         src_pyr, tgt_pyr = [src], [tgt]
         for _ in range(self.levels - 1):
-            src_pyr.append(downsample_data_mean(src_pyr[-1]))
-            tgt_pyr.append(downsample_data_mean(tgt_pyr[-1]))
+            src_pyr.append(downsample_image_torch(src_pyr[-1]))
+            tgt_pyr.append(downsample_image_torch(tgt_pyr[-1]))
         field: torch.Tensor | None = None
         fields: list[torch.Tensor] = []
         for level in reversed(range(self.levels)):
