@@ -216,6 +216,7 @@ def return_freed_memory_to_the_os() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512 px and a batch of 4 x 512 px, short runs")
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU speed table (GPU machines)")
     args = parser.parse_args()
     return_freed_memory_to_the_os()
 
@@ -235,7 +236,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     batches = {name: make_batch(name, n, size) for name, n, size in shapes}
-    for name, batch in batches.items():
+    for name, batch in batches.items() if not args.cuda_only else ():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             ref_rate = None

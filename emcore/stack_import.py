@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -31,7 +32,9 @@ from PIL import Image
 
 from emcore.errors import StackImportError
 from emcore.geometry import VoxelBox
-from emcore.layers import Layer, create_layer
+
+if TYPE_CHECKING:  # the layer writer needs cloud-volume; reading sections must not
+    from emcore.layers import Layer
 
 __all__ = ["SECTION_SUFFIXES", "import_stack", "list_section_files", "read_section"]
 
@@ -146,6 +149,8 @@ def import_stack(
                 f"{first_shape[1]}x{first_shape[0]} {first_dtype}; all sections must match"
             )
     height, width = first_shape
+    from emcore.layers import create_layer
+
     layer = create_layer(
         layer_path,
         kind="image",

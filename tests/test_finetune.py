@@ -20,6 +20,8 @@ from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignm
 
 # The production path (fused C++ kernels on CPU); the kernels' own tests check it against the reference.
 BACKEND = "auto"
+#: Devices every behaviour test runs on: the CPU always, and CUDA (Triton kernels) where present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _section(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
@@ -34,27 +36,30 @@ def _pair(tgt: torch.Tensor, applied: torch.Tensor) -> tuple[torch.Tensor, torch
     return warp(tgt, applied), tgt, true_alignment_field(applied, border=8)
 
 
-def test_recovers_small_smooth_deformation(vnc_sections: np.ndarray) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_recovers_small_smooth_deformation(vnc_sections: np.ndarray, device: str) -> None:
     size = 128
     tgt = _section(vnc_sections, 0, size)
     src, tgt, true = _pair(tgt, smooth_field(size, size, 1.5, grid=3, seed=1))
     before = field_residual(torch.zeros_like(true), true, border=16)
-    result = finetune(src, tgt, levels=2, num_iter=300, backend=BACKEND)
-    after = field_residual(result.field, true, border=16)
+    result = finetune(src.to(device), tgt.to(device), levels=2, num_iter=300, backend=BACKEND)
+    assert result.field.device.type == device
+    after = field_residual(result.field.cpu(), true, border=16)
     assert isinstance(result, FinetuneResult)
     assert result.field.shape == (1, 2, size, size) and result.field.dtype == torch.float32
     assert before.median > 0.5
     assert after.median < 0.15 and after.p95 < 0.3, after
 
 
-def test_coarse_to_fine_recovers_10px_shift(vnc_sections: np.ndarray) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_coarse_to_fine_recovers_10px_shift(vnc_sections: np.ndarray, device: str) -> None:
     size = 128
     tgt = _section(vnc_sections, 1, size)
     src, tgt, true = _pair(tgt, affine_field(size, size, translation=(10.0, -6.0)))
-    result = finetune(src, tgt, num_iter=300, backend=BACKEND)
+    result = finetune(src.to(device), tgt.to(device), num_iter=300, backend=BACKEND)
     assert result.mips == (3, 2, 1, 0)
     assert result.iterations.shape == (4, 1)
-    err = field_residual(result.field, true, border=16)
+    err = field_residual(result.field.cpu(), true, border=16)
     assert err.median < 0.2 and err.p95 < 0.4, err
 
 
@@ -67,13 +72,15 @@ def test_single_level_cannot_recover_10px_shift(vnc_sections: np.ndarray) -> Non
     assert field_residual(result.field, true, border=12).median > 3.0
 
 
-def test_defects_let_the_field_tear_at_a_fold(vnc_sections: np.ndarray) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_defects_let_the_field_tear_at_a_fold(vnc_sections: np.ndarray, device: str) -> None:
     size = 128
     tgt = _section(vnc_sections, 2, size)
     applied, fold_mask = fold_field(size, size, angle_deg=30.0, fold_width_px=6.0)
     src = warp(tgt, applied)
     src_defects = fold_mask  # the repeated band, in the deformed (source) frame
-    result = finetune(src, tgt, src_defects=src_defects, backend=BACKEND)
+    moved = [t.to(device) for t in (src, tgt, src_defects)]
+    result = finetune(moved[0], moved[1], src_defects=moved[2], backend=BACKEND)
     # The aligning field: 0 before the fold line, +6 px along its normal beyond the band.
     theta = np.radians(30.0)
     normal = torch.tensor([np.cos(theta), np.sin(theta)], dtype=torch.float32).view(1, 2, 1, 1)
@@ -83,8 +90,8 @@ def test_defects_let_the_field_tear_at_a_fold(vnc_sections: np.ndarray) -> None:
     expected = torch.where(d >= 0, 6.0 * normal, torch.zeros_like(normal))
     near = d < -8
     far = d > 6 + 8
-    err_near = field_residual(result.field, expected, border=12, mask=near)
-    err_far = field_residual(result.field, expected, border=12, mask=far)
+    err_near = field_residual(result.field.cpu(), expected, border=12, mask=near)
+    err_far = field_residual(result.field.cpu(), expected, border=12, mask=far)
     assert err_near.median < 0.3 and err_near.p95 < 0.6, err_near
     assert err_far.median < 0.3 and err_far.p95 < 0.6, err_far
 
@@ -97,16 +104,21 @@ def _two_pairs(vnc_sections: np.ndarray, size: int = 64) -> tuple[torch.Tensor, 
     return torch.cat([easy_src, hard_src]), torch.cat([easy_tgt, hard_tgt])
 
 
-def test_batch_equals_single_runs(vnc_sections: np.ndarray) -> None:
-    src, tgt = _two_pairs(vnc_sections)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_equals_single_runs(vnc_sections: np.ndarray, device: str) -> None:
+    src, tgt = (t.to(device) for t in _two_pairs(vnc_sections))
     kwargs = dict(levels=2, num_iter=150, patience=10, max_halvings=2, backend=BACKEND)
     batch = finetune(src, tgt, **kwargs)
     singles = [finetune(src[i : i + 1], tgt[i : i + 1], **kwargs) for i in range(2)]
-    # Bitwise: every per-item computation (loss kernels, Adam state, schedule) ignores the others.
+    # CPU: bitwise, every per-item computation (loss kernels, Adam state, schedule) ignores the
+    # others. CUDA: equal up to float rounding (a reduction's order may depend on the batch size).
     for i, single in enumerate(singles):
-        assert torch.equal(batch.iterations[:, i], single.iterations[:, 0])
-        assert torch.equal(batch.field[i : i + 1], single.field)
-        assert torch.equal(batch.loss[i : i + 1], single.loss)
+        if device == "cpu":
+            assert torch.equal(batch.iterations[:, i], single.iterations[:, 0])
+            assert torch.equal(batch.field[i : i + 1], single.field)
+            assert torch.equal(batch.loss[i : i + 1], single.loss)
+        else:
+            torch.testing.assert_close(batch.field[i : i + 1], single.field, rtol=0, atol=0.01)
     # Per-item schedules: the two items did not run the same number of iterations.
     assert not torch.equal(batch.iterations[:, 0], batch.iterations[:, 1])
 
