@@ -54,6 +54,13 @@ def _check4(data: np.ndarray, name: str) -> np.ndarray:
     return data
 
 
+def _as_tensor(data: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``data``'s memory (a copy when ``data`` is read-only or not contiguous)."""
+    if not data.flags.writeable:
+        data = data.copy()
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
 def _check_tensor(data: torch.Tensor, name: str) -> None:
     if not isinstance(data, torch.Tensor):
         raise TypeError(
@@ -104,13 +111,13 @@ def downsample_mask_torch(mask: torch.Tensor) -> torch.Tensor:
 def downsample_image(image: np.ndarray) -> np.ndarray:
     """:func:`downsample_image_torch` for a numpy ``(Z, C, Y, X)`` array (integer or float dtypes)."""
     image = _check4(image, "image")
-    return downsample_image_torch(torch.from_numpy(np.ascontiguousarray(image))).numpy()
+    return downsample_image_torch(_as_tensor(image)).numpy()
 
 
 def downsample_mask(mask: np.ndarray) -> np.ndarray:
     """:func:`downsample_mask_torch` for a numpy ``(Z, C, Y, X)`` array."""
     mask = _check4(mask, "mask")
-    return downsample_mask_torch(torch.from_numpy(np.ascontiguousarray(mask))).numpy()
+    return downsample_mask_torch(_as_tensor(mask)).numpy()
 
 
 def downsample_field(field: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Classical coarse alignment + learned refiner: composition, input checks, the self-supervised recipe."""
+"""Classical coarse alignment + learned refiner: composition, input checks, self-supervised loss, recipe."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ import torch
 
 from emcore.coarse_xcorr import coarse_align
 from emcore.field import warp
-from emcore.models.aligner_training import REFINER_RECIPE, train_aligner
+from emcore.finetune.losses import alignment_loss
+from emcore.models.aligner_training import (
+    REFINER_RECIPE,
+    aligner_training_loss,
+    large_deformation,
+    train_aligner,
+)
 from emcore.models.em_data import load_stack
 from emcore.models.format import Model, ModelConfig
 from emcore.models.pyramid_aligner import PyramidAligner
 from emcore.models.refine import coarse_then_refine
 from emcore.models.training import Source
+from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 from emcore.synthetic import affine_field
 
 
@@ -79,3 +86,28 @@ def test_refiner_recipe_is_self_supervised_and_reproducible() -> None:
     for (name, a), (_, b) in zip(net_a.state_dict().items(), net_b.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert len(log_a.rows) == 3 and "residual_px" in log_a.rows[-1]
+
+
+def test_training_loss_is_the_finetuners_loss_summed_over_levels() -> None:
+    """aligner_training_loss = sum over levels of alignment_loss(l2_weight=0); tears are free at folds."""
+    gen = torch.Generator().manual_seed(5)
+    deformation = large_deformation(64, gen, 6.0, fold_probability=1.0)
+    tgt = load_stack("vnc", 3, [17])[..., :64, :64]
+    moving = warp(load_stack("vnc", 3, [16])[..., :64, :64], deformation.applied)
+    src_pyr = [moving, downsample_image_torch(moving)]
+    tgt_pyr = [tgt, downsample_image_torch(tgt)]
+    true = deformation.true
+    fields = [true, 0.5 * torch.nn.functional.avg_pool2d(true, 2)]
+    total, mse, rig = aligner_training_loss(fields, src_pyr, tgt_pyr, deformation.defects, sm=10.0)
+    defects = [deformation.defects, downsample_mask_torch(deformation.defects)]
+    expected = sum(
+        alignment_loss(s, t, f, tgt_defects=d, sm=10.0, l2_weight=0.0)
+        for s, t, f, d in zip(src_pyr, tgt_pyr, fields, defects, strict=True)
+    )
+    assert torch.allclose(total, expected, rtol=1e-5)
+    assert mse.shape == rig.shape == (1,)
+    zero = [torch.zeros_like(f) for f in fields]
+    assert aligner_training_loss(zero, src_pyr, tgt_pyr, deformation.defects, sm=10.0)[0] > total
+    torn = aligner_training_loss(fields, src_pyr, tgt_pyr, deformation.defects, sm=10.0)[2]
+    glued = aligner_training_loss(fields, src_pyr, tgt_pyr, torch.zeros_like(deformation.defects), sm=10.0)[2]
+    assert torn < 0.5 * glued  # the fold's tear costs (almost) no rigidity inside the band

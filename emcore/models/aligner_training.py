@@ -1,20 +1,22 @@
 """Self-supervised training of the learned coarse aligner on real EM with large known deformations.
 
 Each step draws pairs of neighbouring sections ``(z, z - k)`` of the training sections at the
-recipe's mip (``crop`` px, random flips/rotations). The first is the target; the second is
+recipe's mip (``crop`` px, random rotations by 90 deg). The first is the target; the second is
 deformed by :func:`large_deformation` (rotation + translation + a smooth field, and with
 probability ``fold_probability`` a fold, :func:`emcore.synthetic.fold_field`) and both get EM
-artifacts. The aligner sees only the images; its loss is :func:`emcore.models.losses.aligner_loss`
-(masked MSE after warping + rigidity), with the fold's band given as a defect mask in the target
-frame so the field may tear there, summed over the pyramid levels (each level's field against
-that level's images). Because the training deformations are synthetic, their field is known; with
-``supervision_weight > 0`` (the shipped recipe: 1.0) the loss also has a supervised term, the mean
-``|compose(field, applied)|^2`` (px^2, 0 exactly when ``field`` undoes ``applied``; no inversion
-needed) outside the fold band, per level. Without it, 300 self-supervised steps on this CPU
-learned too little (see ``emcore/models/weights/README.md``); ``supervision_weight=0`` gives the
-purely self-supervised recipe. ``REFINER_RECIPE`` (the shipped ``pyramid_refiner``) is purely
-self-supervised: it learns only what remains after the classical affine aligner
-(:mod:`emcore.models.refine`).
+artifacts. The aligner sees only the images. Its loss is the finetuner's own loss
+(:func:`emcore.finetune.losses.alignment_loss_terms`, shared, not rewritten): masked MSE of
+``warp(moving, field)`` against the target plus ``sm`` x the 8-neighbour spring rigidity, with the
+fold's band given as a target-frame defect (no MSE there and no springs across it, so the field
+may tear there), without the finetuner's tiny L2 term (``l2_weight`` 0: large displacements are
+the point here). It is summed over the pyramid levels: each level's field (px at that level)
+against that level's images (:func:`emcore.pyramid.downsample_image_torch` pyramids, defects
+downsampled by max). Only the images and the loss drive training: the known synthetic field is
+used for logging the residual, never in the loss.
+
+``REFINER_RECIPE`` (the shipped ``pyramid_refiner``) learns only what remains after the classical
+affine aligner (:mod:`emcore.models.refine`); ``ALIGNER_RECIPE`` (``pyramid_aligner``) is the
+stand-alone aligner for the whole deformation.
 
 API summary
 -----------
@@ -22,6 +24,7 @@ API summary
   self-supervised refiner after the classical affine aligner), ``ALIGNER_RECIPES`` (by model name).
 * ``large_deformation(size, gen, max_px, fold_probability, affine_scale=1) -> Deformation``
   (``applied`` field, ``true`` alignment field, ``defects`` mask in the target frame).
+* ``aligner_training_loss(fields, src_pyramid, tgt_pyramid, tgt_defects, sm) -> (loss, mse, rigidity)``.
 * ``train_aligner(recipe, *, steps=None, seed=0, log=print) -> (PyramidAligner, TrainingLog)``.
 """
 
@@ -33,14 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from emcore.field import compose, resample_field, warp
+from emcore.field import compose, warp
+from emcore.finetune.losses import alignment_loss_terms
 from emcore.models.artifacts import add_artifacts
 from emcore.models.em_data import load_stack, training_sections
-from emcore.models.losses import aligner_loss
 from emcore.models.pyramid_aligner import PyramidAligner
 from emcore.models.training import Source, TrainingLog
+from emcore.pyramid import downsample_mask_torch
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "REFINER_RECIPE",
     "AlignerRecipe",
     "Deformation",
+    "aligner_training_loss",
     "large_deformation",
     "train_aligner",
 ]
@@ -56,7 +60,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AlignerRecipe:
-    """How the shipped aligner is trained (lengths in px at the sources' mip)."""
+    """How a shipped aligner is trained (lengths in px at the sources' mip).
+
+    ``sm`` is the rigidity weight of the finetuner's loss (its spring term, see
+    :mod:`emcore.finetune.loss_reference`), applied at every pyramid level.
+    """
 
     resolution_nm: tuple[float, float]
     sources: tuple[Source, ...]
@@ -68,12 +76,16 @@ class AlignerRecipe:
     lr: float = 2e-3
     max_displacement: float = 14.0
     fold_probability: float = 0.5
-    rigidity_weight: float = 5.0
-    supervision_weight: float = 1.0
+    sm: float = 5.0
     gaps: tuple[int, ...] = (1, 2)
     threads: int = 1
     affine_scale: float = 1.0
     curriculum_fraction: float = 0.0
+
+    @property
+    def supervision_weight(self) -> float:
+        """Always 0: the loss never sees the known field (kept for the recorded provenance)."""
+        return 0.0
 
 
 ALIGNER_RECIPE = AlignerRecipe(
@@ -83,17 +95,14 @@ ALIGNER_RECIPE = AlignerRecipe(
 
 # The refiner runs after the classical affine aligner (emcore.coarse_xcorr.coarse_align), so it
 # sees what that leaves: a small affine error (affine_scale 0.1: rotation <= 0.3 deg, translation
-# <= 0.84 px), the non-affine smooth part (up to 0.25 x 14 = 3.5 px) and folds. Purely
-# self-supervised; the deformations grow from 30% to full size over the first 40% of the steps.
-# Rigidity 25 (not 5): with 5 the refiner followed section-to-section content changes and made the
-# classical result worse (1.4-1.8x in benchmarks/bench_aligner.py); 100 was too stiff.
+# <= 0.84 px), the non-affine smooth part (up to 0.25 x 14 = 3.5 px) and folds. The deformations
+# grow from 30% to full size over the first 40% of the steps.
 REFINER_RECIPE = AlignerRecipe(
     resolution_nm=(32.0, 80.0),
     sources=(Source("vnc", 3, 64), Source("medulla", 2, 64)),
     levels=3,
     steps=900,
-    rigidity_weight=25.0,
-    supervision_weight=0.0,
+    sm=5.0,
     affine_scale=0.1,
     curriculum_fraction=0.4,
 )
@@ -160,6 +169,43 @@ def large_deformation(
     return Deformation(applied=applied, true=true, defects=defects)
 
 
+def aligner_training_loss(
+    fields: list[torch.Tensor],
+    src_pyramid: list[torch.Tensor],
+    tgt_pyramid: list[torch.Tensor],
+    tgt_defects: torch.Tensor,
+    sm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The self-supervised loss of one batch: ``(total, mse, rigidity)``.
+
+    Args:
+        fields: per level, finest first, ``(N, 2, H_l, W_l)`` px at level ``l``
+            (:meth:`PyramidAligner.forward_levels`).
+        src_pyramid, tgt_pyramid: the images at the same levels, ``(N, 1, H_l, W_l)``.
+        tgt_defects: ``(N, 1, H, W)`` bool at level 0, target frame (fold bands: torn, not fitted).
+        sm: rigidity weight of the finetuner's spring term.
+
+    Returns:
+        ``total``: scalar, the sum over levels of the batch mean of ``mse + sm * rigidity``
+        (:func:`emcore.finetune.losses.alignment_loss_terms`); ``mse``, ``rigidity``: ``(N,)`` at
+        level 0 (for logging).
+    """
+    total = fields[0].new_zeros(())
+    defects = tgt_defects.bool()
+    level0: tuple[torch.Tensor, torch.Tensor] | None = None
+    for level, field in enumerate(fields):
+        if level:
+            defects = downsample_mask_torch(defects)
+        terms = alignment_loss_terms(
+            src_pyramid[level], tgt_pyramid[level], field, tgt_defects=defects, backend="auto"
+        )
+        total = total + (terms.mse + sm * terms.rigidity).mean()
+        if level == 0:
+            level0 = (terms.mse, terms.rigidity)
+    assert level0 is not None
+    return total, *level0
+
+
 def train_aligner(
     recipe: AlignerRecipe,
     *,
@@ -193,7 +239,7 @@ def train_aligner(
         which = step % len(recipe.sources)
         stack, crop = stacks[which], recipe.sources[which].crop
         z_count, _, height, width = stack.shape
-        tgts, movings, trues, defects, applieds = [], [], [], [], []
+        tgts, movings, trues, defects = [], [], [], []
         check = step % residual_every == 0 or step == steps - 1
         for _ in range(recipe.batch):
             gap = recipe.gaps[int(torch.randint(0, len(recipe.gaps), (), generator=gen))]
@@ -215,37 +261,15 @@ def train_aligner(
             movings.append(warp(pair[1:], deformation.applied))
             trues.append(deformation.true)
             defects.append(deformation.defects)
-            applieds.append(deformation.applied)
         tgt = add_artifacts(torch.cat(tgts), gen)
         moving = add_artifacts(torch.cat(movings), gen)
-        defect, applied = torch.cat(defects), torch.cat(applieds)
-        # Deep supervision, still self-supervised: the same loss at every level of the pyramid
-        # (each level's field against that level's images), so coarse levels learn directly.
+        defect = torch.cat(defects)
+        # The same loss at every level of the pyramid (each level's field against that level's
+        # images), so coarse levels learn directly.
         fields, src_pyr, tgt_pyr = net.forward_levels(moving, tgt)
         field = fields[0]
-        total = torch.zeros(())
-        level_defects = defect
-        for level, level_field in enumerate(fields):
-            if level:
-                level_defects = F.max_pool2d(level_defects.float(), 2) > 0
-            level_loss, level_mse, level_rig = aligner_loss(
-                src_pyr[level],
-                tgt_pyr[level],
-                level_field,
-                tgt_defects=level_defects,
-                rigidity_weight=recipe.rigidity_weight,
-                border=max(1, 4 >> level),
-            )
-            total = total + level_loss.mean()
-            if recipe.supervision_weight:
-                # compose(field, applied) = 0 where field is the true alignment (no inversion needed).
-                level_applied = resample_field(applied, 0, level)
-                error = compose(level_field, level_applied).pow(2).sum(dim=1, keepdim=True)
-                keep = (~level_defects).to(error.dtype)
-                supervised = (error * keep).sum() / keep.sum().clamp(min=1)
-                total = total + recipe.supervision_weight * supervised
-            if level == 0:
-                loss, mse, rig = level_loss, level_mse, level_rig
+        total, mse, rig = aligner_training_loss(fields, src_pyr, tgt_pyr, defect, recipe.sm)
+        loss = mse + recipe.sm * rig
         optimizer.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
