@@ -137,9 +137,13 @@ class PeakMemory:
 
 
 def time_backend(
-    backend: str, batch: Batch, min_seconds: float, min_iters: int
+    backend: str, batch: Batch, min_seconds: float, min_iters: int, *, graph: bool = False
 ) -> tuple[float, float | None]:
-    """``(Mpx*it/s, peak MiB)`` of forward+backward iterations of ``backend`` on ``batch``."""
+    """``(Mpx*it/s, peak MiB)`` of forward+backward iterations of ``backend`` on ``batch``.
+
+    ``graph=True`` (CUDA): the iteration is captured once into a CUDA graph and replayed, as the
+    finetuner's optimizer does on CUDA, so the rate is the kernels' and not Python's launch rate.
+    """
     fn = _loss_fn(backend)
     field = batch.field.clone().requires_grad_(True)
     sync = torch.cuda.synchronize if batch.field.is_cuda else (lambda: None)
@@ -148,13 +152,24 @@ def time_backend(
         field.grad = None
         fn(batch, field).backward()
 
+    run = step
     with PeakMemory("cuda" if batch.field.is_cuda else "cpu") as peak:
         if batch.field.is_cuda:
-            step()  # warm-up: Triton compiles at the first launch (the C++ build is in _loss_fn)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: Triton compiles at the first launch
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
             sync()
+            if graph:
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    fn(batch, field).backward()  # grads accumulate into the static .grad
+                run = cuda_graph.replay
         iters, start = 0, time.perf_counter()
         while iters < min_iters or time.perf_counter() - start < min_seconds:
-            step()
+            run()
             iters += 1
         sync()
         elapsed = time.perf_counter() - start
@@ -223,6 +238,8 @@ def main() -> None:
     shapes = [("1x512^2", 1, 512), ("4x512^2", 4, 512)] if args.quick else [
         ("1x512^2", 1, 512), ("1x1024^2", 1, 1024), ("16x512^2", 16, 512),
     ]  # fmt: skip
+    if args.cuda_only:  # a GPU is filled by many pairs: add a large batch
+        shapes.append(("64x1024^2", 64, 1024))
     min_seconds, min_iters = (0.2, 1) if args.quick else (1.5, 2)
     cuda = torch.cuda.is_available()
     backends = ["reference", "fused-cpp", "fused-torch"]
@@ -256,13 +273,15 @@ def main() -> None:
         for name, batch in batches.items():
             gpu = batch.to("cuda")
             ref_rate = None
-            for backend in ("reference", "fused-torch", "triton"):
+            rows = [("reference", False), ("fused-torch", False), ("triton", False), ("triton", True)]
+            for backend, graph in rows:
                 label = "fused" if backend == "fused-torch" else backend
-                rate, mib = time_backend(label, gpu, min_seconds, min_iters)
+                rate, mib = time_backend(label, gpu, min_seconds, min_iters, graph=graph)
                 ref_rate = rate if backend == "reference" else ref_rate
                 moved = rate * 1e6 * modelled_bytes_per_pixel(1)
                 roof = moved / bandwidth if backend == "triton" else float("nan")
-                print(f"{backend:<12} {name:<9} {rate:10.1f} {rate / ref_rate:7.1f}x {mib:9.1f} {roof:9.1%}")
+                shown = backend + (" graph" if graph else "")
+                print(f"{shown:<12} {name:<9} {rate:10.1f} {rate / ref_rate:7.1f}x {mib:9.1f} {roof:9.1%}")
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     acc_backends = ["fused-cpp", "fused-torch"]

@@ -27,14 +27,30 @@ a field that was evaluated).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from emcore.finetune.losses import LossMasks, alignment_loss
+from emcore.finetune.losses import LossMasks, alignment_loss, resolve_backend
 
 __all__ = ["AdamSchedule", "LevelOutcome", "adam_finetune"]
+
+#: Eager iterations on CUDA before the iteration is captured into a CUDA graph.
+_GRAPH_WARMUP = 3
+
+
+def _use_cuda_graph(device: torch.device, backend: str, requested: bool | None, steps: int) -> bool:
+    """Whether to replay the iteration as a CUDA graph: with the Triton backend on CUDA by default
+    (``requested=None``), when there are iterations left after the warm-up, unless
+    ``SECTIONFLOW_CUDA_GRAPHS=0``. (The fused torch fallback builds small host tensors per call,
+    which a graph cannot capture.)"""
+    if device.type != "cuda" or steps <= _GRAPH_WARMUP or backend != "triton":
+        return False
+    if requested is None:
+        return os.environ.get("SECTIONFLOW_CUDA_GRAPHS", "1") != "0"
+    return requested
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ def adam_finetune(
     schedule: AdamSchedule | None = None,
     backend: str = "auto",
     check_every: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> LevelOutcome:
     """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
 
@@ -119,6 +136,9 @@ def adam_finetune(
         backend: loss backend (see :func:`emcore.finetune.losses.alignment_loss`).
         check_every: iterations between "has every item stopped?" checks (the only host sync);
             default 1 on CPU, 50 on other devices. Does not change the result.
+        cuda_graph: on CUDA, replay one iteration as a CUDA graph after a few eager ones (one
+            launch per iteration instead of dozens: small chunks are launch-bound otherwise);
+            ``None`` = yes unless ``SECTIONFLOW_CUDA_GRAPHS=0``. Ignored on CPU.
 
     Returns:
         :class:`LevelOutcome`.
@@ -131,6 +151,8 @@ def adam_finetune(
     dev, dtype = field.device, field.dtype
     beta1, beta2 = s.betas
 
+    # The state: every tensor below is updated in place, so one iteration is a fixed sequence of
+    # device operations on fixed memory (what a CUDA graph replays).
     current = field.detach().clone()
     best_field = current.clone()
     best_loss = torch.full((n,), math.inf, dtype=dtype, device=dev)
@@ -142,48 +164,89 @@ def adam_finetune(
     lr = torch.full((n,), float(s.lr), dtype=dtype, device=dev)
     m = torch.zeros_like(current)
     v = torch.zeros_like(current)
+    # Adam's bias corrections 1 - beta**t for steps t = 1..num_iter (computed in float64 like a
+    # Python float, then rounded to the field's dtype), indexed by the step counter.
+    steps = torch.arange(1, s.num_iter + 1, dtype=torch.float64)
+    bias1 = (1.0 - beta1**steps).to(dtype=dtype, device=dev)
+    bias2 = (1.0 - beta2**steps).to(dtype=dtype, device=dev)
+    step_index = torch.zeros((), dtype=torch.int64, device=dev)
 
     def per_pixel(t: torch.Tensor) -> torch.Tensor:
         return t.view(n, 1, 1, 1)
 
-    for it in range(s.num_iter):
-        f = current.requires_grad_(True)
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradient at ``current``; the per-item schedule update. Returns ``(grad, loss)``."""
+        f = current.detach().requires_grad_(True)
         loss = alignment_loss(
             src, tgt, f, masks=masks, sm=sm, l2_weight=l2_weight, backend=backend, reduction="none"
         )
         (grad,) = torch.autograd.grad(loss.sum(), f)
-        current = f.detach()
         loss = loss.detach()
-        if it == 0 and not bool(torch.isfinite(loss).all()):
-            raise FloatingPointError("the alignment loss is not finite at the starting field")
-
-        iterations += active.to(torch.int64)
+        iterations.add_(active.to(torch.int64))
         # Best field so far (the one just evaluated, before this iteration's step). lerp with a
         # weight of exactly 0 or 1 returns one of its ends bit for bit.
         better = active & (loss < best_loss)
-        best_loss = torch.where(better, loss, best_loss)
+        best_loss.copy_(torch.where(better, loss, best_loss))
         best_field.lerp_(current, per_pixel(better.to(dtype)))
         # Plateau schedule.
         improved = loss < plateau_ref * (1.0 - s.rel_tol)
-        plateau_ref = torch.where(active & improved, loss, plateau_ref)
-        since = torch.where(improved, torch.zeros_like(since), since + 1)
+        plateau_ref.copy_(torch.where(active & improved, loss, plateau_ref))
+        since.copy_(torch.where(improved, torch.zeros_like(since), since + 1))
         halve = active & (since >= s.patience)
-        lr = torch.where(halve, lr * 0.5, lr)
-        halvings = halvings + halve.to(torch.int64)
-        since = torch.where(halve, torch.zeros_like(since), since)
-        active = active & (halvings <= s.max_halvings)
-        if it == s.num_iter - 1:
-            break
-        # Adam step for the items still running (all of them have taken the same number of steps);
-        # stopped items get weight 0 everywhere, so their state and field stay bit for bit.
-        # In-place ops: the optimizer's own cost per iteration stays small next to the loss.
+        lr.copy_(torch.where(halve, lr * 0.5, lr))
+        halvings.add_(halve.to(torch.int64))
+        since.copy_(torch.where(halve, torch.zeros_like(since), since))
+        active.copy_(active & (halvings <= s.max_halvings))
+        return grad, loss
+
+    def adam_step(grad: torch.Tensor) -> None:
+        """One Adam step for the items still running (all have taken the same number of steps);
+        stopped items get weight 0 everywhere, so their state and field stay bit for bit."""
         step = per_pixel(active.to(dtype))
-        t = it + 1
+        index = step_index.view(1)  # index_select, not [t]: indexing by a tensor syncs the host
+        b1, b2 = bias1.index_select(0, index), bias2.index_select(0, index)
         m.lerp_(grad, step * (1.0 - beta1))
         v.lerp_(grad.square_(), step * (1.0 - beta2))
-        denom = v.div(1.0 - beta2**t).sqrt_().add_(s.eps)
-        current.sub_(m.div(denom).mul_(per_pixel(lr * active.to(dtype) / (1.0 - beta1**t))))
-        if (it + 1) % check_every == 0 and not bool(active.any()):
-            break
+        denom = v.div(b2).sqrt_().add_(s.eps)
+        current.sub_(m.div(denom).mul_(per_pixel(lr * active.to(dtype) / b1)))
+        step_index.add_(1)
+
+    def iteration() -> None:
+        """One full iteration before the last: evaluate, then step."""
+        grad, _ = evaluate()
+        adam_step(grad)
+
+    def all_stopped(it: int) -> bool:
+        """The host check (a device sync), every ``check_every`` iterations."""
+        return (it + 1) % check_every == 0 and not bool(active.any())
+
+    last = s.num_iter - 1  # the last iteration evaluates only (no step after it)
+    grad, loss = evaluate()  # iteration 0, eager: check the starting loss
+    if not bool(torch.isfinite(loss).all()):
+        raise FloatingPointError("the alignment loss is not finite at the starting field")
+    if last > 0:
+        adam_step(grad)
+        del grad
+        graphs = _use_cuda_graph(dev, resolve_backend(backend, field), cuda_graph, last)
+        stopped, it, graph = all_stopped(0), 1, None
+        while not stopped and it < last:
+            if not graphs:
+                iteration()
+            elif it < _GRAPH_WARMUP:  # eager warm-up on a side stream, as graph capture needs
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    iteration()
+                torch.cuda.current_stream(dev).wait_stream(side)
+            else:
+                if graph is None:  # recorded once (not run), then replayed for each iteration
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        iteration()
+                graph.replay()
+            stopped = all_stopped(it)
+            it += 1
+        if not stopped:
+            evaluate()
 
     return LevelOutcome(best_field, best_loss, iterations, halvings, time.perf_counter() - start)
