@@ -35,7 +35,8 @@ API summary
 * :func:`affine_displacement_field` -> the ``(1, 2, H, W)`` field of a ``(2, 3)`` displacement matrix;
   :func:`compose_matrices` / :func:`invert_matrix`: :func:`emcore.field.compose` / ``invert`` for
   such matrices (exact).
-* Blank sections (no data, or constant) raise :class:`~emcore.errors.BlankSectionError`.
+* Blank sections (no data, or constant) raise :class:`~emcore.errors.BlankSectionError`
+  (:func:`check_has_data`).
 
 Affine matrices here are *displacement* matrices ``M`` (2 x 3) acting on pixel-centre coordinates
 ``(x, y, 1)`` relative to the image's top-left pixel: ``field(x, y) = M @ (x, y, 1)``.
@@ -58,6 +59,7 @@ __all__ = [
     "TranslationEstimate",
     "UnreliableAlignmentError",
     "affine_displacement_field",
+    "check_has_data",
     "compose_matrices",
     "coarse_align",
     "estimate_translation",
@@ -109,6 +111,15 @@ def _check_not_blank(image: torch.Tensor, weight: torch.Tensor, name: str, min_p
     values = image.to(torch.float64)[weight > 0]
     if float(values.std()) <= 1e-6:
         raise BlankSectionError(name, "data has constant intensity; skip it")
+
+
+def check_has_data(image: torch.Tensor, mask: torch.Tensor | None = None, name: str = "image") -> None:
+    """Raise :class:`~emcore.errors.BlankSectionError` unless ``image`` (``(H, W)`` or ``(1, 1, H,
+    W)``, 0 = no data; ``mask`` nonzero = ignore) has at least ``max(16, H W / 100)`` usable pixels
+    of non-constant intensity: what every aligner here needs."""
+    image = _as_2d(image, name)
+    h, w = image.shape
+    _check_not_blank(image, _data_weight(image, mask, name), name, max(16, (h * w) // 100))
 
 
 def tukey_window(height: int, width: int, alpha: float = 0.5) -> torch.Tensor:
@@ -387,9 +398,8 @@ def estimate_translation(
     """
     src, tgt = _as_2d(src, "src"), _as_2d(tgt, "tgt")
     h, w = src.shape
-    min_pixels = max(16, (h * w) // 100)
-    _check_not_blank(src, _data_weight(src, src_mask, "src"), "src", min_pixels)
-    _check_not_blank(tgt, _data_weight(tgt, tgt_mask, "tgt"), "tgt", min_pixels)
+    check_has_data(src, src_mask, "src")
+    check_has_data(tgt, tgt_mask, "tgt")
     ncc, overlap = masked_ncc(
         src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, max_shift=max_shift, window=window,
         min_overlap=min_overlap,

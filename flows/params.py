@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from emcore.errors import SectionflowError
 from emcore.geometry import BBox, VoxelBox
 from emcore.layers import Layer, open_layer
+from emcore.models import load_model
+from emcore.models.refine import LEARNED_METHODS
 
 __all__ = ["AlignParams", "DownsampleParams", "load_params"]
 
@@ -57,7 +59,17 @@ class AlignParams(BaseModel):
     )
     pad: int = Field(32, ge=0, description="context (px at the finetune mip) read around each chunk")
     neighbours: int = Field(2, ge=1, le=3, description="pairs z->z-1 .. z->z-neighbours per section")
-    coarse_model: Literal["translation", "rigid", "affine"] = Field("rigid", description="coarse model")
+    coarse_model: Literal["translation", "rigid", "affine"] = Field(
+        "rigid",
+        description='model of the classical coarse aligner (coarse_method "classical", "classical+refine")',
+    )
+    coarse_method: Literal["classical", "learned", "classical+refine"] = Field(
+        "classical",
+        description='coarse aligner: "classical" (FFT cross-correlation + patch fit, no model), "learned" '
+        '(the shipped pyramid_aligner network) or "classical+refine" (classical, then the shipped '
+        "pyramid_refiner network); the learned ones need coarse_mip within the model's trained resolution_nm "
+        "(32-80 nm/px for the shipped ones)",
+    )
     encoder: str = Field("none", description='"none", "auto" (by resolution) or a model name/path')
     # 200 (the published default), not emcore.finetune.DEFAULT_SM (5): between real neighbouring
     # sections a stiff field invents less deformation. Measured on the demo stack: residual vs truth
@@ -90,6 +102,7 @@ class AlignParams(BaseModel):
                 raise ValueError(f"chunk_xy={self.chunk_xy} at mip {mip}: {exc}") from None
         if self.pad > self.chunk_xy:
             raise ValueError(f"pad={self.pad} must not exceed chunk_xy={self.chunk_xy} (context per side)")
+        self._check_coarse_model_resolution(layer)
         for name in ("defects", "true_fields"):
             path = getattr(self, name)
             if path is not None:
@@ -102,6 +115,21 @@ class AlignParams(BaseModel):
             if box.is_empty:
                 raise ValueError(f"bbox_nm {self.bbox_nm} does not overlap the source {layer.bbox}")
         return self
+
+    def _check_coarse_model_resolution(self, layer: Layer) -> None:
+        """A learned coarse method needs ``coarse_mip`` within its model's trained resolution range."""
+        if self.coarse_method not in LEARNED_METHODS:
+            return
+        name = LEARNED_METHODS[self.coarse_method]
+        lo, hi = load_model(name).config.resolution_nm
+        nm = max(layer.resolution(self.coarse_mip)[:2])
+        if not lo <= nm <= hi:
+            fitting = [m for m in range(layer.num_mips) if lo <= max(layer.resolution(m)[:2]) <= hi]
+            hint = f"coarse_mip in {fitting}" if fitting else "a source with such a mip"
+            raise ValueError(
+                f"coarse_method={self.coarse_method!r} uses {name}, trained for {lo:g}-{hi:g} nm/px, but "
+                f"coarse_mip={self.coarse_mip} is {nm:g} nm/px: use {hint}, or coarse_method='classical'"
+            )
 
     def chunk_at(self, mip: int) -> int:
         """The processing chunk side at ``mip``: ``chunk_xy`` scaled from the finetune mip (same area)."""

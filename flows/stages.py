@@ -200,7 +200,9 @@ def encode_flow(params: AlignParams) -> dict[str, Any]:
 
 @flow(name="coarse_align", log_prints=True)
 def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
-    """Pairwise coarse fields ``P[z, k]`` at the coarse mip (classical cross-correlation aligner).
+    """Pairwise coarse fields ``P[z, k]`` at the coarse mip, by ``params.coarse_method``
+    (:mod:`tasks.coarse`: the classical cross-correlation aligner, the learned aligner, or the
+    classical one + the learned refiner).
 
     Writes ``<out>/fields/pairwise/z-<k>`` and ``pairs.json`` (each pair's status: blank,
     reliable, confidence, reason; and the pairs used downstream).
@@ -217,8 +219,9 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     defects = params.defects
     futures = [
         coarse_pair_task.submit(
-            normalized.path, layout.pairwise(k), region, z, k, mip, params.coarse_model, defects
-        )
+            normalized.path, layout.pairwise(k), region, z, k, mip, params.coarse_model, defects,
+            params.coarse_method,
+        )  # fmt: skip
         for z, k in pairs
     ]
     outcomes = wait_all(futures, "coarse_align")
@@ -236,7 +239,10 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     _write_json(root, "pairs.json", {"status": status, "used": used, "blank": sorted(blank)})
     for k in sorted({k for _, k in pairs}):
         _provenance(open_layer(layout.pairwise(k)), f"sectionflow pairwise fields z -> z-{k}", params)
-    return _summary("coarse_align", outcomes, pairs=len(pairs), used=len(used), unreliable=unreliable)
+    return _summary(
+        "coarse_align", outcomes, pairs=len(pairs), used=len(used), unreliable=unreliable,
+        method=params.coarse_method,
+    )  # fmt: skip
 
 
 @flow(name="finetune", log_prints=True)

@@ -1,16 +1,24 @@
 """Coarse alignment stage: one pairwise field per (section ``z``, neighbour ``z - k``).
 
 ``P[z, k]`` aligns section ``z`` onto section ``z - k`` (``warp(img_z, P) ~= img_{z-k}``,
-:mod:`emcore.stack_solve`'s convention), estimated on whole sections at a coarse mip by the
-classical aligner :func:`emcore.coarse_xcorr.coarse_align` (masked FFT cross-correlation + patch
-fit; defect masks excluded). It is stored at the coarse mip in the pair layer
-``<out>/fields/pairwise/z-<k>`` at section ``z``.
+:mod:`emcore.stack_solve`'s convention), estimated on whole sections at a coarse mip (defect masks
+excluded) by one of three methods (``AlignParams.coarse_method``):
+
+* ``"classical"``: :func:`emcore.coarse_xcorr.coarse_align` (masked FFT cross-correlation + patch
+  fit, no model);
+* ``"learned"``: the shipped ``pyramid_aligner`` network alone;
+* ``"classical+refine"``: the classical aligner, then the shipped ``pyramid_refiner`` network on
+  what it leaves (:func:`emcore.models.refine.learned_coarse_align` for both learned methods).
+
+It is stored at the coarse mip in the pair layer ``<out>/fields/pairwise/z-<k>`` at section ``z``.
 
 A pair that cannot be measured (a blank section) is written as zeros and reported ``blank``; an
 unreliable estimate is reported with its reason and gets weight 0 in the stack solve.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 from prefect import task
@@ -19,11 +27,21 @@ from emcore.coarse_xcorr import coarse_align
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
+from emcore.models import Model, load_model
+from emcore.models.refine import LEARNED_METHODS, learned_coarse_align
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 from tasks.retry import CHUNK_TASK_OPTIONS
 
-__all__ = ["coarse_pair_task", "section_box"]
+__all__ = ["COARSE_METHODS", "coarse_pair_task", "section_box"]
+
+COARSE_METHODS = ("classical", *LEARNED_METHODS)
+
+
+@lru_cache(maxsize=4)
+def _shipped_model(name: str) -> Model:
+    """A shipped model, loaded once per worker process."""
+    return load_model(name)
 
 
 def section_box(region: VoxelBox, z: int) -> VoxelBox:
@@ -41,13 +59,23 @@ def coarse_pair_task(
     mip: int,
     model: str = "rigid",
     defects: str | None = None,
+    method: str = "classical",
 ) -> ChunkOutcome:
     """Estimate ``P[z, k]`` on ``region`` (chunk-aligned xy box at ``mip``) and write it to ``output``.
+
+    ``model`` is the classical aligner's model (used by ``"classical"`` and ``"classical+refine"``);
+    ``method`` one of :data:`COARSE_METHODS`.
 
     Returns a :class:`~tasks.markers.ChunkOutcome` whose ``detail`` has ``z, k, blank, reliable,
     confidence, reason`` (kept in the marker, so a skipped rerun reports the same).
     """
-    params = {"z": z, "k": k, "mip": mip, "model": model}
+    if method not in COARSE_METHODS:
+        raise ValueError(f"coarse method must be one of {COARSE_METHODS}, got {method!r}")
+    params: dict = {"z": z, "k": k, "mip": mip, "model": model, "method": method}
+    network = None
+    if method in LEARNED_METHODS:
+        network = _shipped_model(LEARNED_METHODS[method])
+        params["weights_sha256"] = network.config.weights_sha256  # new weights: recompute
     marker = ChunkMarker(output, "coarse", f"{region}@{mip}:{z}-{k}", (image, defects or ""), params)
     previous = marker.read_extra()
     if previous is not None:
@@ -62,13 +90,18 @@ def coarse_pair_task(
         tgt_mask = read_tensor(mask_layer, tgt_box, mip)[0, 0]
     detail: dict = {"z": z, "k": k, "blank": False, "reliable": False, "confidence": 0.0, "reason": ""}
     try:
-        result = coarse_align(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, model=model)
-        field = result.field
+        if network is None:
+            result = coarse_align(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, model=model)
+            field = result.field
+            detail.update(translation=[float(result.translation.dx), float(result.translation.dy)])
+        else:
+            result = learned_coarse_align(
+                src, tgt, method=method, network=network, model=model,
+                moving_mask=src_mask, fixed_mask=tgt_mask,
+            )  # fmt: skip
+            field = result.field
         detail.update(
-            reliable=bool(result.reliable),
-            confidence=float(result.confidence),
-            reason=result.reason,
-            translation=[float(result.translation.dx), float(result.translation.dy)],
+            reliable=bool(result.reliable), confidence=float(result.confidence), reason=result.reason
         )
     except BlankSectionError as exc:
         field = torch.zeros(1, 2, *src.shape)
