@@ -88,21 +88,31 @@ class AlignerRecipe:
         return 0.0
 
 
+# sm and lr picked by a sweep (300 steps, seed 0, held-out benchmarks/bench_aligner.py, median px
+# at mip 0 over its 8 rows; see emcore/models/weights/README.md): sm 1 / 5 / 25 / 100 at lr 2e-3
+# gave 7.0-9.6 / 12-44 / 13-44 / 13-44 px (sm >= 25: the network stayed near the identity); sm 5 at
+# lr 5e-3: 4.8-8.4 px (shipped); sm 5 with a 40% curriculum at lr 2e-3: 6.9-13.8 px.
 ALIGNER_RECIPE = AlignerRecipe(
     resolution_nm=(32.0, 80.0),
     sources=(Source("vnc", 3, 128), Source("medulla", 2, 128)),
+    sm=5.0,
+    lr=5e-3,
 )
 
 # The refiner runs after the classical affine aligner (emcore.coarse_xcorr.coarse_align), so it
 # sees what that leaves: a small affine error (affine_scale 0.1: rotation <= 0.3 deg, translation
 # <= 0.84 px), the non-affine smooth part (up to 0.25 x 14 = 3.5 px) and folds. The deformations
-# grow from 30% to full size over the first 40% of the steps.
+# grow from 30% to full size over the first 40% of the steps. Sweep (900 steps, seed 0, cls+refine
+# / classical median ratio over the 8 benchmark rows): sm 5: 0.85-1.36 (follows content changes);
+# sm 25 / 100 / 400 at lr 2e-3: 0.78-1.15 / 0.84-1.15 / 0.84-1.15; sm 25 at lr 5e-3: 0.74-1.03
+# (shipped).
 REFINER_RECIPE = AlignerRecipe(
     resolution_nm=(32.0, 80.0),
     sources=(Source("vnc", 3, 64), Source("medulla", 2, 64)),
     levels=3,
     steps=900,
-    sm=5.0,
+    lr=5e-3,
+    sm=25.0,
     affine_scale=0.1,
     curriculum_fraction=0.4,
 )
