@@ -88,10 +88,11 @@ class AlignerRecipe:
         return 0.0
 
 
-# sm and lr picked by a sweep (300 steps, seed 0, held-out benchmarks/bench_aligner.py, median px
-# at mip 0 over its 8 rows; see emcore/models/weights/README.md): sm 1 / 5 / 25 / 100 at lr 2e-3
-# gave 7.0-9.6 / 12-44 / 13-44 / 13-44 px (sm >= 25: the network stayed near the identity); sm 5 at
-# lr 5e-3: 4.8-8.4 px (shipped); sm 5 with a 40% curriculum at lr 2e-3: 6.9-13.8 px.
+# sm and lr picked by a sweep (300 steps, seed 0, one process per recipe on a 16-core machine;
+# median px at mip 0 over the 8 rows of the held-out benchmarks/bench_aligner.py; see
+# emcore/models/weights/README.md): sm 1 / 5 / 25 / 100 at lr 2e-3 gave 7.0-9.6 / 12-40 / 13-44 /
+# 13-44 px (sm >= 25: the network stayed near the identity); sm 5 at lr 5e-3: 4.8-8.4 px (shipped);
+# sm 5 with a 40% curriculum at lr 2e-3: 6.9-13.8 px.
 ALIGNER_RECIPE = AlignerRecipe(
     resolution_nm=(32.0, 80.0),
     sources=(Source("vnc", 3, 128), Source("medulla", 2, 128)),
