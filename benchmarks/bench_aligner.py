@@ -9,9 +9,9 @@ aligner returns a field with ``warp(moving, field) ~ fixed``; the residual ``|fi
 taken over the interior (24 px border excluded) outside the fold band (dilated by 2 px).
 
 * ``classical``: ``emcore.coarse_xcorr.coarse_align(moving, fixed, model="affine")``.
-* ``learned``: the shipped ``pyramid_aligner`` alone (one forward pass; trained with a supervised
-  term).
-* ``cls+refine``: the classical field, then the shipped ``pyramid_refiner`` (self-supervised) on
+* ``learned``: the shipped ``pyramid_aligner`` alone (one forward pass,
+  :func:`emcore.models.refine.learned_align`; trained self-supervised with the finetuner's loss).
+* ``cls+refine``: the classical field, then the shipped ``pyramid_refiner`` (self-supervised too) on
   what it leaves (:func:`emcore.models.refine.coarse_then_refine`).
 * ``identity``: no alignment (the size of the deformation).
 
@@ -19,7 +19,9 @@ Residuals are printed in px at mip 0 (4.6 nm; = 8 x px at mip 3): the mean over 
 median / p95. Ratios = learned / classical and cls+refine / classical medians (below 1: better
 than the classical aligner alone).
 
-    .venv/bin/python -m benchmarks.bench_aligner [--quick]
+    .venv/bin/python -m benchmarks.bench_aligner [--quick] [--model CONFIG] [--refiner CONFIG]
+
+``--model`` / ``--refiner`` take another model's config path (e.g. an earlier version) to compare.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from emcore.models import load_model
 from emcore.models.aligner_training import large_deformation
 from emcore.models.artifacts import add_artifacts
 from emcore.models.em_data import HELD_OUT, load_stack
-from emcore.models.refine import coarse_then_refine
+from emcore.models.refine import coarse_then_refine, learned_align
 
 MIP = 3
 SCALE = 2**MIP  # px at mip 0 per px at MIP
@@ -86,8 +88,7 @@ def main() -> None:
                 classical = coarse_align(moving, fixed, model="affine").field
                 t_cls += time.perf_counter() - start
                 start = time.perf_counter()
-                with torch.no_grad():
-                    learned = model.network(moving, fixed)
+                learned = learned_align(moving, fixed, model)
                 t_lrn += time.perf_counter() - start
                 start = time.perf_counter()
                 refined = coarse_then_refine(moving, fixed, refiner)
