@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from emcore.coarse_xcorr import coarse_align
+from emcore.errors import BlankSectionError
 from emcore.field import warp
 from emcore.finetune.losses import alignment_loss
 from emcore.models.aligner_training import (
@@ -19,7 +20,7 @@ from emcore.models.aligner_training import (
 from emcore.models.em_data import load_stack
 from emcore.models.format import Model, ModelConfig
 from emcore.models.pyramid_aligner import PyramidAligner
-from emcore.models.refine import coarse_then_refine
+from emcore.models.refine import coarse_then_refine, learned_coarse_align
 from emcore.models.training import Source
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 from emcore.synthetic import affine_field
@@ -111,3 +112,19 @@ def test_training_loss_is_the_finetuners_loss_summed_over_levels() -> None:
     torn = aligner_training_loss(fields, src_pyr, tgt_pyr, deformation.defects, sm=10.0)[2]
     glued = aligner_training_loss(fields, src_pyr, tgt_pyr, torch.zeros_like(deformation.defects), sm=10.0)[2]
     assert torn < 0.5 * glued  # the fold's tear costs (almost) no rigidity inside the band
+
+
+def test_learned_coarse_align_pads_any_size_and_reports_blank_sections() -> None:
+    moving, fixed = _pair()
+    moving, fixed = moving[..., :90, :94], fixed[..., :90, :94]  # not multiples of 4
+    model = _model(PyramidAligner(levels=3))
+    result = learned_coarse_align(moving[0, 0], fixed[0, 0], method="learned", network=model)
+    assert result.field.shape == (1, 2, 90, 94) and torch.count_nonzero(result.field) == 0  # untrained
+    assert 0.0 <= result.confidence <= 1.0 and result.reliable == (result.reason == "")
+    refined = learned_coarse_align(moving, fixed, method="classical+refine", network=model, model="affine")
+    classical = coarse_align(moving, fixed, model="affine").field
+    assert torch.allclose(refined.field, classical, atol=1e-3)
+    with pytest.raises(BlankSectionError, match="moving"):
+        learned_coarse_align(torch.zeros(90, 94), fixed, method="learned", network=model)
+    with pytest.raises(ValueError, match="method"):
+        learned_coarse_align(moving, fixed, method="deep", network=model)
