@@ -14,7 +14,9 @@ For every shipped encoder, on held-out section pairs of real EM it was not train
 
 Both numbers are printed whatever they are. Ratio = encoded / raw (below 1: encodings help).
 
-    .venv/bin/python -m benchmarks.bench_encoders [--quick]
+    .venv/bin/python -m benchmarks.bench_encoders [--quick] [--pairs N] [--seed S] [--sm SM] [--only NAME]
+
+``--sm`` overrides the finetuner's rigidity weight (both runs), to see how robust a win is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from emcore.field import identity, warp, warp_mask
-from emcore.finetune import finetune
+from emcore.finetune import DEFAULT_SM, finetune
 from emcore.metrics import ResidualStats, field_residual
 from emcore.models import encode_tiled, load_model
 from emcore.models.artifacts import add_artifacts
@@ -94,19 +96,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one pair per setting (still the shared data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, default=8, help="pairs per setting (default 8)")
+    parser.add_argument("--sm", type=float, default=None, help="finetuner rigidity weight (default: its own)")
+    parser.add_argument("--only", default=None, help="benchmark only this encoder")
     args = parser.parse_args()
+    settings = [s for s in SETTINGS if args.only in (None, s[0])]
+    if not settings:
+        parser.error(f"--only {args.only!r} is not one of {sorted({s[0] for s in SETTINGS})}")
+    options = {} if args.sm is None else {"sm": args.sm}
     torch.set_num_threads(1)
     count = 1 if args.quick else args.pairs
     print("Encoder benchmark: finetuner residual vs the known field on held-out real EM with artifacts")
     print("(px at the pair's mip; mean over pairs of the per-pair median / p95; ratio = encoded / raw;")
-    print("per-pair ratios of the medians: min-max, and on how many pairs the encodings won)\n")
+    print("per-pair ratios of the medians: min-max, and on how many pairs the encodings won)")
+    print(f"finetuner: emcore.finetune.finetune, sm = {options.get('sm', DEFAULT_SM):g}, other defaults\n")
     header = (
         f"{'encoder':<20} {'data':<30} {'pairs':>5} {'identity':>15} {'raw images':>15} "
         f"{'encodings':>15} {'ratio med':>9} {'per-pair':>11} {'won':>5} {'time raw/enc s':>15}"
     )
     print(header)
     print("-" * len(header))
-    for name, dataset, mip, max_disp in SETTINGS:
+    for name, dataset, mip, max_disp in settings:
         model = load_model(name)
         pairs = make_pairs(dataset, mip, max_disp, count, args.seed)
         size = pairs[0].fixed.shape[-1]
@@ -116,12 +125,12 @@ def main() -> None:
         for pair in pairs:
             ident.append(residual(identity(1, size, size), pair, border))
             start = time.perf_counter()
-            raw.append(residual(finetune(pair.moving, pair.fixed).field, pair, border))
+            raw.append(residual(finetune(pair.moving, pair.fixed, **options).field, pair, border))
             t_raw += time.perf_counter() - start
             start = time.perf_counter()
             e_fixed = standardized(encode_tiled(model, pair.fixed))
             e_moving = standardized(encode_tiled(model, pair.moving))
-            enc.append(residual(finetune(e_moving, e_fixed).field, pair, border))
+            enc.append(residual(finetune(e_moving, e_fixed, **options).field, pair, border))
             t_enc += time.perf_counter() - start
         (im, ip), (rm, rp), (em, ep) = pooled(ident), pooled(raw), pooled(enc)
         per_pair = [e.median / r.median for e, r in zip(enc, raw, strict=True)]

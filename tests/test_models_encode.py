@@ -54,3 +54,14 @@ def test_bad_tiles_are_refused(net: EncoderUNet) -> None:
         encode_tiled(net, image, tile=18)
     with pytest.raises(ValueError, match=r"float \(N, C, H, W\)"):
         encode_tiled(net, torch.zeros(32, 32))
+
+
+def test_an_untrained_residual_encoder_is_the_identity() -> None:
+    torch.manual_seed(0)
+    residual = EncoderUNet(channels=4, levels=3, residual=True)
+    image = torch.randn(2, 1, 40, 36)
+    image[..., :6, :] = 0
+    torch.testing.assert_close(encode_tiled(residual, image, tile=16), image, atol=0, rtol=0)
+    with torch.no_grad():
+        residual.head.bias.fill_(0.5)  # a trained correction is added to the image
+    torch.testing.assert_close(residual(image), image + 0.5)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emcore.field import compose, warp, warp_mask
 from emcore.models import load_model
 from emcore.models.aligner_training import large_deformation
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
 from emcore.models.em_data import HELD_OUT, load_stack, training_sections
-from emcore.models.losses import aligner_loss, encoder_pair_loss, rigidity
+from emcore.models.losses import aligner_loss, basin_shifts, encoder_pair_loss, rigidity
 from emcore.models.pyramid_aligner import PyramidAligner
 from emcore.models.train import main as train_main
 from emcore.models.training import ENCODER_RECIPES, Source, train_encoder
@@ -61,6 +63,34 @@ def test_encoder_loss_rewards_matching_encodings_and_punishes_constant_ones() ->
     flat = encoder_pair_loss(ones, ones, applied, shift, data, tgt_data, tile=8)
     assert torch.allclose(flat.collapse, torch.full((2,), 2.0))
     assert (flat.loss > good.loss + 5).all()
+
+
+def test_basin_term_punishes_flat_and_false_minima_not_a_steep_basin() -> None:
+    gen = torch.Generator().manual_seed(5)
+    applied = smooth_field(64, 64, 2.0, seed=3).expand(2, 2, 64, 64)
+    noise = 0.2 * torch.randn(2, 1, 64, 64, generator=gen)  # the neighbour section is not identical
+
+    def pair(src: torch.Tensor, off: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = torch.zeros(2, 2, 64, 64)
+        shift[:, 0] = off
+        return src, warp(src, compose(shift, applied)) + noise
+
+    shifts = basin_shifts((0.5, 1.0, 2.0))
+    assert len(shifts) == 12 and {round(math.hypot(*s), 6) for s in shifts} == {0.5, 1.0, 2.0}
+    zero, data = torch.zeros(2, 2, 64, 64), torch.ones(2, 1, 64, 64, dtype=torch.bool)
+    kwargs = dict(tile=16, basin=shifts, basin_weight=1.0, contrast_weight=0.0)
+    # Fine texture: the MSE grows fast with a sub-pixel shift (a steep basin around 0).
+    sharp = F.interpolate(torch.randn(2, 1, 32, 32, generator=gen), scale_factor=2, mode="bilinear")
+    steep = encoder_pair_loss(*pair(sharp), applied, zero, data, data, **kwargs)
+    # Very smooth encodings: a shift changes them less than the noise does (a flat basin).
+    smooth = F.interpolate(torch.randn(2, 1, 4, 4, generator=gen), size=64, mode="bicubic")
+    flat = encoder_pair_loss(*pair(smooth), applied, zero, data, data, **kwargs)
+    # The target matches the source 1 px off: the minimum is not at the true field.
+    wrong = encoder_pair_loss(*pair(sharp, 1.0), applied, zero, data, data, **kwargs)
+    assert (flat.basin > steep.basin + 0.1).all() and (wrong.basin > steep.basin + 0.1).all()
+    assert torch.equal(steep.loss, steep.basin + 10.0 * steep.collapse)
+    no_basin = encoder_pair_loss(*pair(sharp), applied, zero, data, data, tile=16)
+    assert torch.equal(no_basin.basin, torch.zeros(2))
 
 
 def test_aligner_loss_prefers_the_true_field_and_rigidity_skips_defects() -> None:

@@ -13,6 +13,13 @@ featureless one - looks aligned when it is not). Encodings are standardized to m
 their data pixels first, so the loss cannot be gamed by scale: for two unrelated standardized
 images the MSE is about 2.
 
+Basin term (``basin_shifts``, for the finetuner): the finetuner descends the MSE from wherever it
+is, so what matters is the *shape* of the MSE near the true alignment, not only its contrast at a
+few px. For every tile and each small constant misalignment ``d`` (0.5-3 px), the log ratio
+``log(MSE_d) - log(MSE_0)`` must reach ``log(1 + growth * |d|**2)`` (a steep, monotone basin around
+0); the shortfall is averaged over tiles and shifts. A tile where a shifted pair matches *better*
+than the aligned one (a false minimum that pulls the finetuner off) pays the most.
+
 Aligner loss (:func:`aligner_loss`): masked MSE of the warped source against the target plus a
 rigidity penalty (squared deviation of the field's finite differences from 0, i.e. of the local
 Jacobian from identity), not counted across defects (fold masks), so the field may tear there.
@@ -20,6 +27,8 @@ Jacobian from identity), not counted across defects (fold masks), so the field m
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +38,7 @@ from emcore.field import compose, warp, warp_mask
 
 __all__ = [
     "EncoderLossTerms",
+    "basin_shifts",
     "aligner_loss",
     "encoder_pair_loss",
     "masked_mse",
@@ -69,13 +79,26 @@ def tile_mse(
 @dataclass(frozen=True)
 class EncoderLossTerms:
     """``(N,)`` terms: ``aligned`` MSE, ``misaligned_low`` (low percentile of per-tile MSE),
-    ``collapse`` (1 - variance kept by the standardization: > 0 only for near-constant encodings)
-    and the total ``loss``."""
+    ``collapse`` (1 - variance kept by the standardization: > 0 only for near-constant encodings),
+    ``basin`` (mean shortfall of the small-shift log MSE ratios; 0 when not asked for) and the
+    total ``loss``."""
 
     aligned: torch.Tensor
     misaligned_low: torch.Tensor
     collapse: torch.Tensor
+    basin: torch.Tensor
     loss: torch.Tensor
+
+
+def basin_shifts(magnitudes: tuple[float, ...], directions: int = 4) -> list[tuple[float, float]]:
+    """Constant misalignments ``(dx, dy)`` px: ``directions`` evenly spread per magnitude, each
+    magnitude's set turned by a further ``pi / (2 * directions)`` so the shifts cover many angles."""
+    shifts = []
+    for k, size in enumerate(magnitudes):
+        for j in range(directions):
+            angle = 2 * math.pi * j / directions + k * math.pi / (2 * directions)
+            shifts.append((size * math.cos(angle), size * math.sin(angle)))
+    return shifts
 
 
 def encoder_pair_loss(
@@ -92,6 +115,12 @@ def encoder_pair_loss(
     border: int = 4,
     collapse_weight: float = 10.0,
     eps: float = 1e-3,
+    contrast_weight: float = 1.0,
+    basin: Sequence[tuple[float, float]] = (),
+    basin_weight: float = 0.0,
+    basin_growth: float = 0.5,
+    basin_floor: float = 1e-3,
+    basin_tile: int | None = None,
 ) -> EncoderLossTerms:
     """Metric-learning loss of encodings of a pair ``(src, tgt)`` with ``tgt = warp(., applied)``.
 
@@ -110,10 +139,19 @@ def encoder_pair_loss(
         border: px at the edge not counted (convolution edge effects).
         collapse_weight: weight of the term that keeps standardized encodings at variance 1.
         eps: added to both MSEs inside the logs.
+        contrast_weight: weight of the aligned/misaligned contrast term.
+        basin: constant misalignments ``(dx, dy)`` px (e.g. :func:`basin_shifts`) of the basin term
+            (module doc), per tile of ``tile`` px; empty = no basin term.
+        basin_weight: its weight.
+        basin_growth: the required log ratio at shift ``d`` is ``log(1 + basin_growth * |d|**2)``.
+        basin_floor: added to both MSEs of the basin ratio: with a floor near the MSE of unrelated
+            standardized images' scale (e.g. 0.5) the ratio can only be met by a larger MSE at
+            ``d``, not by a tiny aligned MSE (blurring everything away).
+        basin_tile: tile size (px) of the basin term; ``None`` = ``tile``.
 
     Returns:
-        :class:`EncoderLossTerms`; ``loss = log(aligned + eps) - log(min(low, margin) + eps) +
-        collapse_weight * collapse``.
+        :class:`EncoderLossTerms`; ``loss = contrast_weight * (log(aligned + eps) -
+        log(min(low, margin) + eps)) + basin_weight * basin + collapse_weight * collapse``.
     """
     inner = torch.zeros_like(tgt_data)
     inner[..., border : inner.shape[-2] - border, border : inner.shape[-1] - border] = True
@@ -133,8 +171,25 @@ def encoder_pair_loss(
     # Log of the contrast aligned / misaligned: scale-free, and a smooth encoding (both terms ~0)
     # gets no credit for a small aligned MSE unless misaligned tiles stay distinguishable.
     contrast = torch.log(aligned + eps) - torch.log(torch.clamp(low, max=margin) + eps)
-    loss = contrast + collapse_weight * collapse
-    return EncoderLossTerms(aligned=aligned, misaligned_low=low, collapse=collapse, loss=loss)
+    shortfall = torch.zeros_like(contrast)
+    if basin:
+        aligned_src = warp(src_n, applied)
+        shortfalls = []
+        for dx, dy in basin:
+            shift_d = torch.tensor([dx, dy], dtype=applied.dtype).view(1, 2, 1, 1).expand_as(applied)
+            moved = compose(shift_d, applied)
+            mask = aligned_mask & warp_mask(src_data, moved)
+            mse_0 = tile_mse(aligned_src, tgt_n, mask, basin_tile or tile)
+            mse_d = tile_mse(warp(src_n, moved), tgt_n, mask, basin_tile or tile)
+            wanted = math.log1p(basin_growth * (dx * dx + dy * dy))
+            gap = torch.relu(wanted - (torch.log(mse_d + basin_floor) - torch.log(mse_0 + basin_floor)))
+            shortfalls.append(gap)
+        per_tile = torch.cat(shortfalls, dim=1)
+        shortfall = torch.nan_to_num(torch.nanmean(per_tile, dim=1), nan=0.0)
+    loss = contrast_weight * contrast + basin_weight * shortfall + collapse_weight * collapse
+    return EncoderLossTerms(
+        aligned=aligned, misaligned_low=low, collapse=collapse, basin=shortfall, loss=loss
+    )
 
 
 def rigidity(field: torch.Tensor, defects: torch.Tensor | None = None) -> torch.Tensor:

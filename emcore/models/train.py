@@ -71,7 +71,8 @@ def train_and_save(
         config = ModelConfig(
             name=name,
             architecture="unet_encoder",
-            kwargs={"channels": recipe.channels, "levels": recipe.levels},
+            kwargs={"channels": recipe.channels, "levels": recipe.levels}
+            | ({"residual": True} if recipe.residual else {}),
             resolution_nm=recipe.resolution_nm,
             normalization=NORMALIZATION,
             input_channels=1,

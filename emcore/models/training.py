@@ -7,7 +7,11 @@ mip, random flips/rotations); the second section is deformed by a random smooth 
 (:func:`emcore.synthetic.smooth_field`, up to ``max_displacement`` px) and both get random EM
 artifacts (:func:`emcore.models.artifacts.add_artifacts`). The loss is
 :func:`emcore.models.losses.encoder_pair_loss` with a random constant misalignment of
-``shift_range`` px. The same statistic on the raw images (no encoder) is logged for comparison.
+``shift_range`` px (weight ``contrast_weight``) and, when ``basin_magnitudes`` is set, the basin
+term (weight ``basin_weight``): a steep MSE basin around the true alignment for constant
+misalignments of those sizes (:func:`emcore.models.losses.basin_shifts`, 4 directions each), which
+is what the finetuner needs. ``residual=True`` trains ``encoding = image + correction`` from the
+identity. The same statistics on the raw images (no encoder) are logged for comparison.
 
 All randomness comes from ``seed`` (one ``torch.Generator`` plus ``torch.manual_seed`` for the
 initial weights), and runs use ``threads`` CPU threads, so a command reproduces its model (up to
@@ -33,7 +37,7 @@ from emcore.field import warp
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
 from emcore.models.em_data import DATASETS, load_stack, training_sections
 from emcore.models.encoder import EncoderUNet
-from emcore.models.losses import encoder_pair_loss
+from emcore.models.losses import basin_shifts, encoder_pair_loss
 from emcore.synthetic import smooth_field
 
 __all__ = ["ENCODER_RECIPES", "EncoderRecipe", "PairBatch", "TrainingLog", "sample_pairs", "train_encoder"]
@@ -61,7 +65,14 @@ class Source:
 
 @dataclass(frozen=True)
 class EncoderRecipe:
-    """How one shipped encoder is trained (all lengths in px at the source's mip)."""
+    """How one shipped encoder is trained (all lengths in px at the source's mip).
+
+    The loss fields are those of :func:`emcore.models.losses.encoder_pair_loss`
+    (``margin``, ``contrast_weight``, ``basin_weight``, ``basin_growth``, ``basin_floor``,
+    ``basin_tile``);
+    ``basin_magnitudes`` are the basin term's shift sizes (empty = no basin term); ``residual``
+    is :class:`~emcore.models.encoder.EncoderUNet`'s ``residual``.
+    """
 
     name: str
     resolution_nm: tuple[float, float]
@@ -75,6 +86,13 @@ class EncoderRecipe:
     shift_range: tuple[float, float] = (2.0, 6.0)
     gaps: tuple[int, ...] = (1, 2)
     margin: float = 1.5
+    residual: bool = False
+    contrast_weight: float = 1.0
+    basin_magnitudes: tuple[float, ...] = ()
+    basin_weight: float = 0.0
+    basin_growth: float = 0.5
+    basin_floor: float = 1e-3
+    basin_tile: int | None = None
     threads: int = 1
     note: str = ""
 
@@ -98,6 +116,11 @@ ENCODER_RECIPES = {
         sources=(Source("vnc", 5, 32), Source("medulla", 4, 32)),
         shift_range=(1.5, 4.0),
         max_displacement=3.0,
+        residual=True,
+        contrast_weight=0.0,
+        basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
+        basin_weight=1.0,
+        basin_growth=0.25,
         note=(
             "trained at 147-160 nm/px, below its range: the 4.7-5.2 um wide stacks give only 16-20 px "
             "per section at 256 nm and 2 px at 2048 nm"
@@ -205,11 +228,12 @@ def train_encoder(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     stacks = [load_stack(s.dataset, s.mip, training_sections(s.dataset)) for s in recipe.sources]
-    net = EncoderUNet(channels=recipe.channels, levels=recipe.levels)
+    net = EncoderUNet(channels=recipe.channels, levels=recipe.levels, residual=recipe.residual)
     optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.lr, total_steps=steps, pct_start=0.1
     )
+    shifts = basin_shifts(recipe.basin_magnitudes)
     history = TrainingLog()
     start = time.perf_counter()
     net.train()
@@ -228,7 +252,16 @@ def train_encoder(
         src_data, tgt_data = batch.src != 0, batch.tgt != 0
         encoded = net(torch.cat((batch.src, batch.tgt)))
         enc_src, enc_tgt = encoded[: recipe.batch], encoded[recipe.batch :]
-        kwargs = dict(tile=max(8, source.crop // 8), margin=recipe.margin)
+        kwargs = dict(
+            tile=max(8, source.crop // 8),
+            margin=recipe.margin,
+            contrast_weight=recipe.contrast_weight,
+            basin=shifts,
+            basin_weight=recipe.basin_weight,
+            basin_growth=recipe.basin_growth,
+            basin_floor=recipe.basin_floor,
+            basin_tile=recipe.basin_tile,
+        )
         terms = encoder_pair_loss(enc_src, enc_tgt, batch.applied, batch.shift, src_data, tgt_data, **kwargs)
         loss = terms.loss.mean()
         optimizer.zero_grad()
@@ -250,12 +283,17 @@ def train_encoder(
                 "raw_misaligned_low": float(raw.misaligned_low.mean()),
             }
         )
+        if shifts:
+            history.rows[-1]["basin"] = float(terms.basin.detach().mean())
+            history.rows[-1]["raw_basin"] = float(raw.basin.mean())
         if log is not None and (step % log_every == 0 or step == steps - 1):
             r = history.rows[-1]
+            basin = f", basin {r['basin']:.3f}" if shifts else ""
+            raw_basin = f", basin {r['raw_basin']:.3f}" if shifts else ""
             log(
                 f"{recipe.name} step {step:4d}/{steps}: loss {r['loss']:.3f} (aligned {r['aligned']:.3f}, "
-                f"misaligned p10 {r['misaligned_low']:.3f}); raw images: loss {r['raw_loss']:.3f} "
-                f"(aligned {r['raw_aligned']:.3f}, misaligned p10 {r['raw_misaligned_low']:.3f}) "
+                f"misaligned p10 {r['misaligned_low']:.3f}{basin}); raw images: loss {r['raw_loss']:.3f} "
+                f"(aligned {r['raw_aligned']:.3f}, misaligned p10 {r['raw_misaligned_low']:.3f}{raw_basin}) "
                 f"[{time.perf_counter() - start:.0f} s]"
             )
     history.seconds = time.perf_counter() - start
