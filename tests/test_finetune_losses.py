@@ -380,3 +380,31 @@ def test_prepare_masks_flags() -> None:
     assert masks.src_flags.dtype == torch.uint8
     assert np.array_equal(masks.src_flags[0, 0].numpy(), [[2, 1], [1, 2]])
     assert np.array_equal(masks.tgt_flags[0, 0].numpy(), [[0, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", pytest.param("triton", marks=needs_triton)])
+def test_sample_offsets_move_only_the_mse(backend: str) -> None:
+    """With ``sample_offsets`` the MSE (and its masks) is that of ``field + offsets`` and the rigidity
+    and L2 are those of ``field``, on every backend; the gradient flows to ``field``."""
+    src, tgt, field, masks = _random_case(2, 1, 12, 14, torch.float64, seed=7)
+    gen = torch.Generator().manual_seed(3)
+    offsets = torch.rand(1, 2, 12, 14, generator=gen, dtype=torch.float64) - 0.5
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    moved = [t.to(dev) for t in (src, tgt, field, offsets)]
+    masks = type(masks)(masks.src_flags.to(dev), masks.tgt_flags.to(dev))
+    f = moved[2].clone().requires_grad_(True)
+    got = alignment_loss_terms(moved[0], moved[1], f, masks=masks, backend=backend, sample_offsets=moved[3])
+    at_sampled = alignment_loss_terms(src, tgt, field + offsets, masks=masks_cpu(masks), backend="reference")
+    at_field = alignment_loss_terms(src, tgt, field, masks=masks_cpu(masks), backend="reference")
+    torch.testing.assert_close(got.mse.cpu(), at_sampled.mse, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got.l2.cpu(), at_field.l2, rtol=1e-6, atol=1e-9)
+    # Rigidity weights come from the sampled positions' defect masks, the springs from the field.
+    assert not torch.allclose(got.rigidity.cpu(), at_sampled.rigidity)
+    (got.mse.sum() + got.rigidity.sum()).backward()
+    assert f.grad is not None and bool(torch.isfinite(f.grad).all()) and float(f.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="sample_offsets must be"):
+        alignment_loss_terms(src, tgt, field, masks=masks_cpu(masks), sample_offsets=offsets[..., :5])
+
+
+def masks_cpu(masks):
+    return type(masks)(masks.src_flags.cpu(), masks.tgt_flags.cpu())

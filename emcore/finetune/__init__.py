@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from emcore.field import identity
-from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, pyramid_mips
+from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, default_levels
 from emcore.finetune.losses import alignment_loss, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule
 
@@ -56,8 +56,11 @@ __all__ = [
 # peers"), on real EM with known deformations, not per case.
 
 #: Rigidity weight at every level. The published 200 penalizes real strain (1-5 %) so much with this
-#: loss that the true field costs more than no field at all (measured); 5 is the most accurate.
-DEFAULT_SM = 5.0
+#: loss that the true field costs more than no field at all (measured). With the default schedule
+#: (control-grid last level) 3 balances the smooth (lower sm fits noise) and large (higher sm
+#: biases strained fields) cases: sm 2 / 3 / 5 gave smooth 0.063 / 0.057 / 0.054 px and large
+#: 0.075 / 0.083 / 0.110 px median (benchmarks/README.md).
+DEFAULT_SM = 3.0
 #: Initial Adam step at mip 0 in px; a level at mip ``k`` starts at ``lr * 2**k`` (its own px).
 DEFAULT_LR: float = AdamSchedule.lr
 #: Iterations without a ``rel_tol`` relative improvement before an item's lr halves.
@@ -66,7 +69,9 @@ DEFAULT_PATIENCE: int = AdamSchedule.patience
 DEFAULT_REL_TOL: float = AdamSchedule.rel_tol
 #: Halvings before an item stops.
 DEFAULT_MAX_HALVINGS: int = AdamSchedule.max_halvings
-#: Pyramid levels (mips 3, 2, 1, 0 where the chunk size allows, see ``pyramid_mips``).
+#: Pyramid depth (mips 3..0 where the chunk size allows, see ``pyramid_mips``), turned into a
+#: schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`: per-pixel levels at mips 3
+#: and 2, then the loss at mip 0 with the field as a control grid at mip 2 and sampling jitter.
 DEFAULT_LEVELS = 4
 
 
@@ -176,7 +181,7 @@ def finetune(
         src_defects: optional ``(N, 1, H, W)`` defect mask (folds, cracks; nonzero = defect) in
             the source frame; tgt_defects: the same in the target frame. Springs at defects are
             cut, so the field may tear there, and defect pixels don't count in the MSE.
-        sm: rigidity weight at every level (default :data:`DEFAULT_SM` = 5; the published 200
+        sm: rigidity weight at every level (default :data:`DEFAULT_SM` = 3; the published 200
             over-penalizes real strain with this loss, see ``DEFAULT_SM``).
         num_iter: most iterations per level and item (published default 2000; early stop usually
             ends a level after 150-400).
@@ -186,9 +191,11 @@ def finetune(
             halves.
         max_halvings: halvings before an item stops.
         rel_tol: relative loss decrease that counts as an improvement.
-        levels: number of pyramid levels (mips ``k..0`` as :func:`pyramid_mips` allows for the
-            chunk size; 1 = no pyramid) or an explicit list of :class:`Level` (coarsest first,
-            per-level ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``).
+        levels: pyramid depth (an int: the schedule of
+            :func:`~emcore.finetune.coarse_to_fine.default_levels` for the mips
+            :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
+            per-pixel level at the input mip) or an explicit list of :class:`Level` (coarsest first,
+            per-level ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
         check_every: iterations between host checks for "all items stopped" (default 1 on CPU,
@@ -209,7 +216,7 @@ def finetune(
     )
     n, _, h, w = src.shape
     if isinstance(levels, int):
-        schedule = [Level(m) for m in pyramid_mips(h, w, levels)]
+        schedule = default_levels(h, w, levels)
     else:
         schedule = list(levels)
         if not all(isinstance(lv, Level) for lv in schedule):

@@ -29,12 +29,22 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from emcore.field import resample_field
+from emcore.field import resample_field, warp
 from emcore.finetune.losses import prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
 from emcore.pyramid import downsample_image, downsample_mask
 
-__all__ = ["Level", "coarse_to_fine", "downsample_images", "downsample_masks", "pyramid_mips"]
+__all__ = [
+    "DEFAULT_FIELD_MIP",
+    "DEFAULT_JITTER",
+    "Level",
+    "coarse_to_fine",
+    "default_levels",
+    "downsample_images",
+    "downsample_masks",
+    "jittered_target",
+    "pyramid_mips",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,17 @@ class Level:
             settings for this level (``lr`` in px at this level's mip; ``None``: the base lr
             times ``2**mip``, i.e. the base lr is the step at mip 0).
         sm: rigidity weight for this level.
+        field_mip: the mip at which this level's field is parametrized (``None``: ``mip``, one
+            vector per pixel). ``field_mip > mip`` optimizes a control grid ``2**(field_mip - mip)``
+            times coarser, upsampled bilinearly to ``mip`` where the loss is evaluated: the loss
+            sees every pixel, but the field cannot fit the noise pixel by pixel.
+        jitter: sampling jitter in px at ``mip`` (0 = off, at most 1): the MSE compares the source
+            at ``p + d(p) + field(p)`` with the target pre-sampled at ``p + d(p)``, ``d`` a fixed
+            random offset per pixel, uniform in ``[-jitter/2, jitter/2]^2``. Without it, bilinear
+            sampling of a noisy source at a fractional position averages the noise (its variance
+            drops to 1/4 at a half pixel), so the MSE prefers fractional positions and biases the
+            field by a smooth pattern that follows ``frac(field)``; with random offsets on both
+            sides that preference averages out (measured on real EM, benchmarks/README.md).
     """
 
     mip: int
@@ -56,12 +77,27 @@ class Level:
     patience: int | None = None
     max_halvings: int | None = None
     sm: float | None = None
+    field_mip: int | None = None
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        grid = self.field_mip
+        if grid is not None and not (isinstance(grid, int) and grid >= self.mip):
+            raise ValueError(f"Level.field_mip must be an int >= mip ({self.mip}), got {self.field_mip!r}")
+        if not (isinstance(self.jitter, int | float) and 0.0 <= self.jitter <= 1.0):
+            raise ValueError(f"Level.jitter must be in [0, 1] px, got {self.jitter!r}")
+
+    @property
+    def parameter_mip(self) -> int:
+        """The mip the field is optimized at (``field_mip``, or ``mip`` for a per-pixel field)."""
+        return self.mip if self.field_mip is None else self.field_mip
 
     def schedule(self, base: AdamSchedule) -> AdamSchedule:
-        """``base`` with this level's non-``None`` settings (lr: ``base.lr * 2**mip`` if ``None``)."""
+        """``base`` with this level's non-``None`` settings (lr: ``base.lr * 2**parameter_mip`` if
+        ``None``: the base lr is a step in px at mip 0, converted to the parameter's px)."""
         names = ("num_iter", "patience", "max_halvings")
         changes: dict[str, float] = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        changes["lr"] = base.lr * 2**self.mip if self.lr is None else self.lr
+        changes["lr"] = base.lr * 2**self.parameter_mip if self.lr is None else self.lr
         return replace(base, **changes)
 
 
@@ -104,12 +140,51 @@ def _check_levels(levels: Sequence[Level], height: int, width: int) -> None:
     decreasing = all(a > b for a, b in zip(mips, mips[1:], strict=False))
     if any(not isinstance(m, int) or m < 0 for m in mips) or not decreasing:
         raise ValueError(f"level mips must be ints >= 0, strictly decreasing (coarse to fine), got {mips}")
-    factor = 2 ** mips[0]
+    top = max(max(mips), *(lv.parameter_mip for lv in levels))
+    factor = 2**top
     if height % factor or width % factor:
         raise ValueError(
-            f"images {height}x{width} are not divisible by {factor} for a level at mip {mips[0]}: "
+            f"images {height}x{width} are not divisible by {factor} for a level (or its field) at mip {top}: "
             "use fewer levels (see pyramid_mips) or pad the chunk"
         )
+
+
+#: Mip of the last level's control grid in :func:`default_levels` (4x4 px cells at the input mip).
+DEFAULT_FIELD_MIP = 2
+#: Sampling jitter of the last level in :func:`default_levels`, px at the input mip.
+DEFAULT_JITTER = 1.0
+
+
+def default_levels(height: int, width: int, levels: int) -> list[Level]:
+    """The default schedule for ``levels`` pyramid levels (measured, benchmarks/README.md).
+
+    Per-pixel levels at the mips of :func:`pyramid_mips` down to :data:`DEFAULT_FIELD_MIP`, then a
+    last level whose loss runs at mip 0 (every pixel, with sampling jitter) while its field is a
+    control grid at :data:`DEFAULT_FIELD_MIP` (or the coarsest mip the chunk allows). E.g. a 512
+    px chunk, 4 levels: mips 3 and 2 per pixel, then mip 0 with the field at mip 2. ``levels=1``:
+    one per-pixel level at mip 0 with jitter.
+    """
+    mips = pyramid_mips(height, width, levels)
+    if len(mips) == 1:
+        return [Level(0, jitter=DEFAULT_JITTER)]
+    grid = min(DEFAULT_FIELD_MIP, mips[0])
+    coarse = [Level(m) for m in mips if m >= grid]
+    return [*coarse, Level(0, field_mip=grid, jitter=DEFAULT_JITTER)]
+
+
+def jittered_target(tgt: torch.Tensor, jitter: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, tgt sampled at p + offsets)`` for a level's sampling jitter.
+
+    ``offsets``: ``(1, 2, H, W)`` fixed random px, uniform in ``[-jitter/2, jitter/2]`` (the same
+    for every batch item, so an item's result does not depend on the batch; seeded: reruns are
+    equal). The sampled target is 0 (no data) wherever its bilinear taps touch no-data pixels.
+    """
+    n, _, h, w = tgt.shape
+    gen = torch.Generator().manual_seed(seed)
+    offsets = ((torch.rand(1, 2, h, w, generator=gen) - 0.5) * jitter).to(tgt.device, tgt.dtype)
+    has_data = (tgt != 0).any(dim=1, keepdim=True).to(tgt.dtype)
+    full = warp(has_data, offsets) >= 0.999
+    return offsets, torch.where(full, warp(tgt, offsets), torch.zeros_like(tgt))
 
 
 def coarse_to_fine(
@@ -161,6 +236,9 @@ def coarse_to_fine(
         field = resample_field(field, mip, level.mip)
         mip = level.mip
         s, t, sd, td = pyramid[mip]
+        offsets = None
+        if level.jitter > 0:
+            offsets, t = jittered_target(t, level.jitter)
         masks = prepare_masks(s, t, src_defects=sd, tgt_defects=td)
         outcome = adam_finetune(
             s,
@@ -172,6 +250,8 @@ def coarse_to_fine(
             schedule=level.schedule(base),
             backend=backend,
             check_every=check_every,
+            field_mip=level.parameter_mip - level.mip,
+            sample_offsets=offsets,
         )
         outcomes.append(outcome)
         field = outcome.field

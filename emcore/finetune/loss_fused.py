@@ -423,13 +423,17 @@ def fused_terms(
     tgt_flags: torch.Tensor,
     *,
     kernels: LossKernels | None = None,
+    sample_offsets: torch.Tensor | None = None,
 ) -> LossTerms:
     """The loss terms through the fused Functions (inputs validated by ``emcore.finetune.losses``).
 
     ``kernels`` defaults to :func:`cpu_kernels` for CPU tensors and :class:`TorchKernels` otherwise.
+    ``sample_offsets``: optional px added to ``field`` for the MSE part only (see
+    :func:`emcore.finetune.loss_reference.reference_terms`).
     """
     if kernels is None:
         kernels = cpu_kernels() if field.device.type == "cpu" else TorchKernels()
-    mse, weight = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels)
+    sampled = field if sample_offsets is None else (field + sample_offsets).contiguous()
+    mse, weight = WarpMSE.apply(sampled, src, tgt, src_flags, tgt_flags, kernels)
     rigidity, l2 = RigidityL2.apply(field, weight, kernels)
     return LossTerms(mse, rigidity, l2)

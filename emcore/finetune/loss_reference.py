@@ -85,6 +85,8 @@ def reference_terms(
     field: torch.Tensor,
     src_flags: torch.Tensor,
     tgt_flags: torch.Tensor,
+    *,
+    sample_offsets: torch.Tensor | None = None,
 ) -> LossTerms:
     """The loss terms by plain autograd (differentiable w.r.t. ``field`` only).
 
@@ -93,11 +95,14 @@ def reference_terms(
         field: ``(N, 2, H, W)`` px.
         src_flags, tgt_flags: ``(N, 1, H, W)`` uint8, bit 1 = has data, bit 2 = defect
             (source and target frame), from ``prepare_masks``.
+        sample_offsets: optional ``(1 or N, 2, H, W)`` px added to ``field`` for the MSE part only
+            (the warp, its masks and ``w``); the rigidity and L2 see ``field`` itself.
     """
     n, c, h, w = src.shape
     src, tgt = src.detach(), tgt.detach()
+    sampled = field if sample_offsets is None else field + sample_offsets
     with torch.no_grad():
-        fixed = field.detach()
+        fixed = sampled.detach()
         src_data = ((src_flags & HAS_DATA) != 0).to(field.dtype)
         src_defect = ((src_flags & DEFECT) != 0).to(field.dtype)
         tgt_data = (tgt_flags & HAS_DATA) != 0
@@ -107,7 +112,7 @@ def reference_terms(
         weight = torch.where(defect, 0.0, torch.where(tgt_data, 1.0, no_data))
         count = valid.sum(dim=(1, 2, 3)).to(field.dtype)
 
-    warped = warp(src, field)
+    warped = warp(src, sampled)
     sse = ((warped - tgt).square() * valid).sum(dim=(1, 2, 3))
     mse = sse / torch.clamp(c * count, min=1.0)
 

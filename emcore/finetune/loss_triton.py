@@ -297,9 +297,13 @@ def triton_terms(
     tgt_flags: torch.Tensor,
     *,
     block: int = BLOCK,
+    sample_offsets: torch.Tensor | None = None,
 ) -> LossTerms:
-    """The loss terms through the Triton kernels (inputs validated by ``emcore.finetune.losses``)."""
+    """The loss terms through the Triton kernels (inputs validated by ``emcore.finetune.losses``).
+
+    ``sample_offsets``: optional px added to ``field`` for the MSE part only."""
     kernels = TritonKernels(block)
-    mse, weight = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels)
+    sampled = field if sample_offsets is None else (field + sample_offsets).contiguous()
+    mse, weight = WarpMSE.apply(sampled, src, tgt, src_flags, tgt_flags, kernels)
     rigidity, l2 = RigidityL2.apply(field, weight, kernels)
     return LossTerms(mse, rigidity, l2)

@@ -180,6 +180,7 @@ def alignment_loss_terms(
     tgt_defects: torch.Tensor | None = None,
     masks: LossMasks | None = None,
     backend: str = "auto",
+    sample_offsets: torch.Tensor | None = None,
 ) -> LossTerms:
     """The loss terms ``(mse, rigidity, l2)``, each ``(N,)``, differentiable w.r.t. ``field``.
 
@@ -194,17 +195,31 @@ def alignment_loss_terms(
         raise ValueError("pass the defect masks either to prepare_masks or to the loss, not both")
     _check_masks(masks, src)
     backend = resolve_backend(backend, field)
+    if sample_offsets is not None:
+        n, _, h, w = field.shape
+        if (
+            not isinstance(sample_offsets, torch.Tensor)
+            or sample_offsets.ndim != 4
+            or tuple(sample_offsets.shape[1:]) != (2, h, w)
+            or sample_offsets.shape[0] not in (1, n)
+            or sample_offsets.dtype != field.dtype
+            or sample_offsets.device != field.device
+        ):
+            raise ValueError(
+                f"sample_offsets must be a (1 or N, 2, H, W) = (1 or {n}, 2, {h}, {w}) tensor with the "
+                f"field's dtype and device, got {getattr(sample_offsets, 'shape', type(sample_offsets))}"
+            )
     flags = (masks.src_flags.contiguous(), masks.tgt_flags.contiguous())
     args = (src.contiguous(), tgt.contiguous(), field, *flags)
     if backend == "reference":
-        return reference_terms(*args)
+        return reference_terms(*args, sample_offsets=sample_offsets)
     if backend == "fused":
         from emcore.finetune.loss_fused import fused_terms
 
-        return fused_terms(*args)
+        return fused_terms(*args, sample_offsets=sample_offsets)
     from emcore.finetune.loss_triton import triton_terms
 
-    return triton_terms(*args)
+    return triton_terms(*args, sample_offsets=sample_offsets)
 
 
 def alignment_loss(
@@ -219,6 +234,7 @@ def alignment_loss(
     l2_weight: float = 1e-4,
     backend: str = "auto",
     reduction: str = "mean",
+    sample_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The finetuner loss ``mse + sm * rigidity + l2_weight * l2`` of ``field``.
 
@@ -234,6 +250,10 @@ def alignment_loss(
         l2_weight: weight of the field's mean square (>= 0).
         backend: ``"auto"``, ``"reference"``, ``"fused"`` or ``"triton"`` (see module doc).
         reduction: ``"mean"`` (scalar, mean over the batch) or ``"none"`` (``(N,)`` per-item losses).
+        sample_offsets: optional ``(1 or N, 2, H, W)`` px added to ``field`` for the MSE term only
+            (where the source is sampled); the rigidity and L2 terms see ``field``. The finetuner
+            uses fixed random sub-pixel offsets with a target pre-sampled at the same offsets
+            (see :mod:`emcore.finetune.coarse_to_fine`, "sampling jitter").
 
     Returns:
         A scalar or ``(N,)`` tensor in the field's dtype, differentiable w.r.t. ``field`` only.
@@ -244,7 +264,14 @@ def alignment_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     terms = alignment_loss_terms(
-        src, tgt, field, src_defects=src_defects, tgt_defects=tgt_defects, masks=masks, backend=backend
+        src,
+        tgt,
+        field,
+        src_defects=src_defects,
+        tgt_defects=tgt_defects,
+        masks=masks,
+        backend=backend,
+        sample_offsets=sample_offsets,
     )
     per_item = terms.mse + sm * terms.rigidity + l2_weight * terms.l2
     return per_item.mean() if reduction == "mean" else per_item

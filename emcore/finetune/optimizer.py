@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from emcore.field import resample_field
 from emcore.finetune.losses import LossMasks, alignment_loss, resolve_backend
 
 __all__ = ["AdamSchedule", "LevelOutcome", "adam_finetune"]
@@ -124,6 +125,8 @@ def adam_finetune(
     backend: str = "auto",
     check_every: int | None = None,
     cuda_graph: bool | None = None,
+    field_mip: int = 0,
+    sample_offsets: torch.Tensor | None = None,
 ) -> LevelOutcome:
     """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
 
@@ -139,6 +142,14 @@ def adam_finetune(
         cuda_graph: on CUDA, replay one iteration as a CUDA graph after a few eager ones (one
             launch per iteration instead of dozens: small chunks are launch-bound otherwise);
             ``None`` = yes unless ``SECTIONFLOW_CUDA_GRAPHS=0``. Ignored on CPU.
+        field_mip: mips (relative to the images) at which the field is parametrized: ``0`` = one
+            vector per pixel; ``k > 0`` = a control grid ``2**k`` times coarser (Adam runs on it, in
+            its own px; ``schedule.lr`` is in those px) that is upsampled bilinearly
+            (:func:`emcore.field.resample_field`) to the images' resolution for the loss. Fewer
+            degrees of freedom: the field cannot fit the noise pixel by pixel, so a lower ``sm``
+            suffices. ``H`` and ``W`` must be divisible by ``2**k``.
+        sample_offsets: optional ``(1 or N, 2, H, W)`` px added to the field where the MSE samples
+            the source (see :func:`emcore.finetune.losses.alignment_loss`).
 
     Returns:
         :class:`LevelOutcome`.
@@ -153,7 +164,8 @@ def adam_finetune(
 
     # The state: every tensor below is updated in place, so one iteration is a fixed sequence of
     # device operations on fixed memory (what a CUDA graph replays).
-    current = field.detach().clone()
+    # ``current`` is the optimized parameter: the field itself, or its control grid at field_mip.
+    current = resample_field(field.detach(), 0, field_mip).clone()
     best_field = current.clone()
     best_loss = torch.full((n,), math.inf, dtype=dtype, device=dev)
     plateau_ref = torch.full((n,), math.inf, dtype=dtype, device=dev)
@@ -174,11 +186,23 @@ def adam_finetune(
     def per_pixel(t: torch.Tensor) -> torch.Tensor:
         return t.view(n, 1, 1, 1)
 
+    def expand(param: torch.Tensor) -> torch.Tensor:
+        """The field at the images' resolution from the parameter."""
+        return resample_field(param, field_mip, 0)
+
     def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradient at ``current``; the per-item schedule update. Returns ``(grad, loss)``."""
         f = current.detach().requires_grad_(True)
         loss = alignment_loss(
-            src, tgt, f, masks=masks, sm=sm, l2_weight=l2_weight, backend=backend, reduction="none"
+            src,
+            tgt,
+            expand(f),
+            masks=masks,
+            sm=sm,
+            l2_weight=l2_weight,
+            backend=backend,
+            reduction="none",
+            sample_offsets=sample_offsets,
         )
         (grad,) = torch.autograd.grad(loss.sum(), f)
         loss = loss.detach()
@@ -249,4 +273,4 @@ def adam_finetune(
         if not stopped:
             evaluate()
 
-    return LevelOutcome(best_field, best_loss, iterations, halvings, time.perf_counter() - start)
+    return LevelOutcome(expand(best_field), best_loss, iterations, halvings, time.perf_counter() - start)
