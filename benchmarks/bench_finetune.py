@@ -101,8 +101,10 @@ def run(quick: bool, include_sofima: bool = True) -> None:
 
     rows: list[Row] = []
     memory: dict[str, float | None] = {}
-    for name, fn in all_methods.items():
-        for i, case in enumerate(cases):
+    # Case by case, every method on the case in turn: on a shared machine the load drifts, and
+    # interleaving keeps each comparison within the same minute.
+    for i, case in enumerate(cases):
+        for name, fn in all_methods.items():
             meter = PeakMemory("cpu")
             with meter:
                 start = time.perf_counter()
@@ -112,6 +114,7 @@ def run(quick: bool, include_sofima: bool = True) -> None:
                 memory[name] = meter.mib
             rows.append(Row(name, case, field_residual(field, case.true, border=32), seconds))
 
+    rows.sort(key=lambda r: list(all_methods).index(r.method))
     print("\n## per pair: median / p95 / max residual px, seconds")
     print(f"{'method':<34} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7}")
     for r in rows:

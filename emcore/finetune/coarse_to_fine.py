@@ -8,12 +8,19 @@ images.
 
 Per level (all in px at that level's mip):
 
-1. images: ``emcore.pyramid.downsample_image`` (2x2 mean over data pixels, 0 = no data kept), defect
-   masks: ``emcore.pyramid.downsample_mask`` (max), both applied once per mip step;
+1. images: ``emcore.pyramid.downsample_image_torch`` (2x2 mean over data pixels, 0 = no data kept,
+   on the images' device), defect masks: ``emcore.pyramid.downsample_mask_torch`` (max), both
+   applied once per mip step;
 2. the starting field is the previous level's result upsampled with
    :func:`emcore.field.resample_field` (values x2 per mip) - or, at the first level, ``init_field``
    downsampled with it (2x2 mean, values halved per mip);
-3. :func:`emcore.finetune.optimizer.adam_finetune` with that level's settings.
+3. :func:`emcore.finetune.optimizer.adam_finetune` with that level's settings: a per-pixel field,
+   or (``Level.field_mip``) a control grid upsampled to the level's mip for the loss, and
+   optionally (``Level.jitter``) a target pre-sampled at fixed random sub-pixel offsets
+   (:func:`jittered_target`).
+
+The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
+at mips 3 and 2, then the loss at mip 0 with the field on a mip-2 control grid and jitter 1 px.
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -26,13 +33,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from emcore.field import resample_field, warp
 from emcore.finetune.losses import prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
-from emcore.pyramid import downsample_image, downsample_mask
+from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
     "DEFAULT_FIELD_MIP",
@@ -122,15 +128,14 @@ def pyramid_mips(height: int, width: int, levels: int, *, min_size: int = 16) ->
 
 
 def downsample_images(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` float images -> one mip coarser (``emcore.pyramid.downsample_image``)."""
-    out = downsample_image(images.detach().cpu().numpy())
-    return torch.from_numpy(np.ascontiguousarray(out)).to(images.device)
+    """``(N, C, H, W)`` float images -> one mip coarser, on their device
+    (``emcore.pyramid.downsample_image_torch``: 2x2 mean over data pixels, 0 = no data kept)."""
+    return downsample_image_torch(images.detach())
 
 
 def downsample_masks(masks: torch.Tensor) -> torch.Tensor:
     """``(N, 1, H, W)`` defect masks -> one mip coarser, bool (max of each 2x2 block)."""
-    out = downsample_mask((masks.detach() != 0).cpu().numpy())
-    return torch.from_numpy(np.ascontiguousarray(out)).to(masks.device)
+    return downsample_mask_torch(masks.detach() != 0)
 
 
 def _check_levels(levels: Sequence[Level], height: int, width: int) -> None:
