@@ -211,3 +211,31 @@ def test_jitter_removes_the_noise_bias_towards_fractional_positions(vnc_sections
         result = finetune(src, tgt, levels=level, sm=3.0, backend=BACKEND)
         drift[jitter] = field_residual(result.field, zero, border=16).median
     assert drift[1.0] < 0.6 * drift[0.0], drift
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, t, k: k.update(src=s.double()), "src must be float32"),
+        (lambda s, t, k: k.update(tgt=t[:, :, :16]), "same shape"),
+        (lambda s, t, k: k.update(src=s[0]), r"src must have shape \(N, C, H, W\)"),
+        (lambda s, t, k: s.__setitem__((0, 0, 3, 3), float("nan")), "src contains NaN or inf"),
+        (lambda s, t, k: t.__setitem__((0, 0, 3, 3), float("inf")), "tgt contains NaN or inf"),
+        (lambda s, t, k: k.update(init_field=torch.zeros(1, 2, 16, 16)), "init_field must be"),
+        (lambda s, t, k: k.update(init_field=torch.full((1, 2, 32, 32), float("nan"))), "init_field cont"),
+        (lambda s, t, k: k.update(src_defects=torch.zeros(1, 2, 32, 32)), "src_defects must be"),
+        (lambda s, t, k: k.update(levels=[Level(0), Level(1)]), "strictly decreasing"),
+        (lambda s, t, k: k.update(levels=[Level(6)]), "not divisible by 64"),
+        (lambda s, t, k: k.update(lr=-1.0), "lr must be"),
+        (lambda s, t, k: k.update(num_iter=0), "num_iter must be"),
+        (lambda s, t, k: k.update(sm=float("nan")), "sm must be"),
+        (lambda s, t, k: k.update(backend="gpu"), "backend must be one of"),
+    ],
+)
+def test_invalid_inputs_raise_clear_errors(change, message: str) -> None:
+    src = torch.rand(1, 1, 32, 32) + 0.1
+    tgt = torch.rand(1, 1, 32, 32) + 0.1
+    kwargs: dict = {"src": src, "tgt": tgt}
+    change(src, tgt, kwargs)
+    with pytest.raises(ValueError, match=message):
+        finetune(kwargs.pop("src"), kwargs.pop("tgt"), num_iter=kwargs.pop("num_iter", 2), **kwargs)
