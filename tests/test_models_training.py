@@ -16,10 +16,12 @@ from emcore.models import load_model
 from emcore.models.aligner_training import large_deformation
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
 from emcore.models.em_data import HELD_OUT, load_stack, training_sections
+from emcore.models.encode import encode_tiled
+from emcore.models.encoder import EncoderUNet
 from emcore.models.losses import aligner_loss, basin_shifts, encoder_pair_loss, rigidity
 from emcore.models.pyramid_aligner import PyramidAligner
 from emcore.models.train import main as train_main
-from emcore.models.training import ENCODER_RECIPES, Source, train_encoder
+from emcore.models.training import ENCODER_RECIPES, Source, encode_crops, train_encoder
 from emcore.synthetic import smooth_field
 
 
@@ -139,6 +141,21 @@ def test_untrained_aligner_is_the_identity_and_checks_sizes() -> None:
 def test_held_out_sections_are_not_trained_on() -> None:
     assert not set(training_sections("vnc")) & set(HELD_OUT["vnc"])
     assert not set(training_sections("medulla")) & set(HELD_OUT["medulla"])
+
+
+def test_training_with_context_padding_sees_what_encode_tiled_gives() -> None:
+    torch.manual_seed(0)
+    net = EncoderUNet(channels=4, levels=3)
+    with torch.no_grad():
+        net.down[0][0].bias.fill_(5.0)  # an offset the next convs see cut off by their zero padding
+    crops = load_stack("vnc", 5, [0, 1])
+    tissue = crops != 0
+    with torch.no_grad():
+        padded = encode_crops(net, crops, context_padding=True)
+        bare = encode_crops(net, crops, context_padding=False)
+    tiled = encode_tiled(net, crops)
+    torch.testing.assert_close(padded[tissue], tiled[tissue], atol=1e-5, rtol=1e-5)
+    assert (bare - tiled)[tissue].abs().max() > 1000 * (padded - tiled)[tissue].abs().max()
 
 
 def test_encoder_training_is_reproducible_from_the_seed() -> None:

@@ -21,6 +21,7 @@ API summary
 -----------
 * ``EncoderRecipe`` and ``ENCODER_RECIPES`` (one per shipped encoder).
 * ``train_encoder(recipe, *, steps=None, seed=0, log=print) -> (EncoderUNet, TrainingLog)``.
+* ``encode_crops(net, crops, context_padding)``: the training forward pass.
 * ``PairBatch`` / ``sample_pairs(...)``: the batches (also used by the benchmarks' style of cases).
 """
 
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from emcore.field import warp
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
@@ -40,7 +42,15 @@ from emcore.models.encoder import EncoderUNet
 from emcore.models.losses import basin_shifts, encoder_pair_loss
 from emcore.synthetic import smooth_field
 
-__all__ = ["ENCODER_RECIPES", "EncoderRecipe", "PairBatch", "TrainingLog", "sample_pairs", "train_encoder"]
+__all__ = [
+    "ENCODER_RECIPES",
+    "EncoderRecipe",
+    "PairBatch",
+    "TrainingLog",
+    "encode_crops",
+    "sample_pairs",
+    "train_encoder",
+]
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,10 @@ class EncoderRecipe:
 
     The loss fields are those of :func:`emcore.models.losses.encoder_pair_loss`
     (``margin``, ``contrast_weight``, ``basin_weight``, ``basin_growth``, ``basin_floor``,
-    ``basin_tile``);
+    ``basin_tile``); ``context_padding`` encodes each crop inside ``context_px`` px of zeros, as
+    :func:`emcore.models.encode.encode_tiled` does (without it, the network's zero padding at the
+    crop edge gives src and tgt the same edge pattern, which the loss rewards but
+    ``encode_tiled`` never shows).
     ``basin_magnitudes`` are the basin term's shift sizes (empty = no basin term); ``residual``
     is :class:`~emcore.models.encoder.EncoderUNet`'s ``residual``.
     """
@@ -93,6 +106,7 @@ class EncoderRecipe:
     basin_growth: float = 0.5
     basin_floor: float = 1e-3
     basin_tile: int | None = None
+    context_padding: bool = False
     threads: int = 1
     note: str = ""
 
@@ -121,6 +135,7 @@ ENCODER_RECIPES = {
         basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
         basin_weight=1.0,
         basin_growth=0.25,
+        context_padding=True,
         note=(
             "trained at 147-160 nm/px, below its range: the 4.7-5.2 um wide stacks give only 16-20 px "
             "per section at 256 nm and 2 px at 2048 nm"
@@ -208,6 +223,19 @@ def sample_pairs(
     )
 
 
+def encode_crops(net: EncoderUNet, crops: torch.Tensor, context_padding: bool) -> torch.Tensor:
+    """The network on ``(N, 1, S, S)`` crops, with gradients: ``(N, 1, S, S)`` raw output.
+
+    ``context_padding=True`` surrounds each crop with ``net.context_px`` px of zeros first, which
+    gives exactly what :func:`emcore.models.encode.encode_tiled` gives on tissue; ``False`` runs
+    the network on the bare crop (its zero padding then sits at the crop edge).
+    """
+    if not context_padding:
+        return net(crops)
+    pad = net.context_px
+    return net(F.pad(crops, (pad, pad, pad, pad)))[..., pad:-pad, pad:-pad]
+
+
 def train_encoder(
     recipe: EncoderRecipe,
     *,
@@ -250,7 +278,7 @@ def train_encoder(
             shift_range=recipe.shift_range,
         )
         src_data, tgt_data = batch.src != 0, batch.tgt != 0
-        encoded = net(torch.cat((batch.src, batch.tgt)))
+        encoded = encode_crops(net, torch.cat((batch.src, batch.tgt)), recipe.context_padding)
         enc_src, enc_tgt = encoded[: recipe.batch], encoded[recipe.batch :]
         kwargs = dict(
             tile=max(8, source.crop // 8),
