@@ -71,7 +71,7 @@ class AdamSchedule:
     num_iter: int = 2000
     lr: float = 0.01
     patience: int = 20
-    max_halvings: int = 2
+    max_halvings: int = 1
     rel_tol: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
