@@ -9,10 +9,11 @@ Modules
 * :mod:`emcore.models.encoder` - the encoder network (a small U-Net).
 * :mod:`emcore.models.encode` - apply an encoder to images in tiles with context (seamless).
 * :mod:`emcore.models.pyramid_aligner` - the learned multi-level coarse aligner.
-* :mod:`emcore.models.refine` - classical affine coarse alignment, then the learned refiner.
+* :mod:`emcore.models.refine` - learned coarse alignment: stand-alone ``pyramid_aligner``, or
+  classical + ``pyramid_refiner`` (``learned_coarse_align`` for pipelines).
 * :mod:`emcore.models.artifacts` - realistic EM artifact augmentation for training and benchmarks.
 * :mod:`emcore.models.em_data` - the real EM training stacks at a given mip (held-out sections).
-* :mod:`emcore.models.losses` - metric-learning encoder loss, self-supervised aligner loss.
+* :mod:`emcore.models.losses` - metric-learning encoder loss.
 * :mod:`emcore.models.training` - encoder recipes and training loop.
 * :mod:`emcore.models.aligner_training` - large synthetic deformations (with folds) and the
   aligner's training loop.
