@@ -116,6 +116,12 @@ ENCODER_RECIPES = {
         name="encoder_16_64nm",
         resolution_nm=(16.0, 64.0),
         sources=(Source("vnc", 2, 96), Source("vnc", 3, 64)),
+        residual=True,
+        contrast_weight=0.0,
+        basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
+        basin_weight=1.0,
+        basin_growth=0.25,
+        context_padding=True,
     ),
     "encoder_64_256nm": EncoderRecipe(
         name="encoder_64_256nm",
