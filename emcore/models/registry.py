@@ -33,9 +33,9 @@ SHIPPED_MODELS: dict[str, str] = {
 }
 
 # On held-out pairs with artifacts (benchmarks/bench_encoders.py, 8 pairs per row, finetuner defaults,
-# see weights/README.md): encoder_64_256nm (median ratio encoded/raw 0.67, p95 0.59) and the
-# retrained encoder_256_2048nm (0.71, p95 0.78) lower the finetuner's residual; encoder_16_64nm
-# makes it worse than raw images (1.25 at 18.4 nm, 1.11 at 36.8 nm), so it is shipped but not auto.
+# see weights/README.md): encoder_64_256nm (ratio encoded/raw of the median residual 0.67, of the
+# p95 0.57) and the retrained encoder_256_2048nm (0.56, 0.66) lower the finetuner's residual, also
+# at sm 1.5 and 6; encoder_16_64nm does not (1.00 at 18.4 nm, 1.12 at 36.8 nm): shipped, not auto.
 AUTO_ENCODERS: tuple[str, ...] = ("encoder_64_256nm", "encoder_256_2048nm")
 
 
