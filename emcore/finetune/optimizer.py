@@ -70,9 +70,9 @@ class AdamSchedule:
 
     num_iter: int = 2000
     lr: float = 0.01
-    patience: int = 20
+    patience: int = 10
     max_halvings: int = 1
-    rel_tol: float = 1e-3
+    rel_tol: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
