@@ -35,7 +35,8 @@ def pick_encoder(resolution_nm: float) -> str | None:
     """The shipped encoder meant for sections at ``resolution_nm`` nm/px, or ``None``.
 
     Only encoders measured to help the finetuner are picked (``AUTO_ENCODERS``: on held-out pairs
-    with artifacts only ``encoder_64_256nm`` beat raw images, see emcore/models/weights/README.md);
+    with artifacts ``encoder_64_256nm`` and ``encoder_256_2048nm`` beat raw images, see
+    emcore/models/weights/README.md);
     at other resolutions "auto" means no encoder.
     """
     for name in AUTO_ENCODERS:

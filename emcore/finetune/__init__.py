@@ -184,7 +184,7 @@ def finetune(
         sm: rigidity weight at every level (default :data:`DEFAULT_SM` = 3; the published 200
             over-penalizes real strain with this loss, see ``DEFAULT_SM``).
         num_iter: most iterations per level and item (published default 2000; early stop usually
-            ends a level after 150-400).
+            ends a level after 20-300 on the benchmark cases).
         lr: initial Adam step in px at mip 0; a level at mip ``k`` starts at ``lr * 2**k`` of its
             own px unless the :class:`Level` sets ``lr``.
         patience: iterations without a relative improvement of ``rel_tol`` before an item's lr

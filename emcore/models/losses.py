@@ -20,9 +20,9 @@ few px. For every tile and each small constant misalignment ``d`` (0.5-3 px), th
 0); the shortfall is averaged over tiles and shifts. A tile where a shifted pair matches *better*
 than the aligned one (a false minimum that pulls the finetuner off) pays the most.
 
-Aligner loss (:func:`aligner_loss`): masked MSE of the warped source against the target plus a
-rigidity penalty (squared deviation of the field's finite differences from 0, i.e. of the local
-Jacobian from identity), not counted across defects (fold masks), so the field may tear there.
+The learned aligners are trained with the finetuner's own loss
+(:func:`emcore.finetune.losses.alignment_loss_terms`, see
+:func:`emcore.models.aligner_training.aligner_training_loss`), not with a loss from this module.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ from emcore.field import compose, warp, warp_mask
 __all__ = [
     "EncoderLossTerms",
     "basin_shifts",
-    "aligner_loss",
     "encoder_pair_loss",
     "masked_mse",
-    "rigidity",
     "standardize",
     "tile_mse",
 ]
@@ -190,50 +188,3 @@ def encoder_pair_loss(
     return EncoderLossTerms(
         aligned=aligned, misaligned_low=low, collapse=collapse, basin=shortfall, loss=loss
     )
-
-
-def rigidity(field: torch.Tensor, defects: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-item mean squared finite difference of the field (px^2), skipping pairs that touch defects.
-
-    Args:
-        field: ``(N, 2, H, W)`` px.
-        defects: optional ``(N, 1, H, W)`` bool in the field's frame; a difference between two
-            pixels is ignored when either is a defect.
-    """
-    dx = field[..., :, 1:] - field[..., :, :-1]
-    dy = field[..., 1:, :] - field[..., :-1, :]
-    ex, ey = (dx**2).sum(1, keepdim=True), (dy**2).sum(1, keepdim=True)
-    if defects is None:
-        return ex.mean(dim=(1, 2, 3)) + ey.mean(dim=(1, 2, 3))
-    ok = (~defects.bool()).to(field.dtype)
-    okx = ok[..., :, 1:] * ok[..., :, :-1]
-    oky = ok[..., 1:, :] * ok[..., :-1, :]
-    return (ex * okx).sum(dim=(1, 2, 3)) / okx.sum(dim=(1, 2, 3)).clamp(min=1) + (ey * oky).sum(
-        dim=(1, 2, 3)
-    ) / oky.sum(dim=(1, 2, 3)).clamp(min=1)
-
-
-def aligner_loss(
-    src: torch.Tensor,
-    tgt: torch.Tensor,
-    field: torch.Tensor,
-    *,
-    tgt_defects: torch.Tensor | None = None,
-    rigidity_weight: float = 1.0,
-    border: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Self-supervised loss of a field aligning ``src`` onto ``tgt``: ``(loss, mse, rigidity)``, ``(N,)``.
-
-    The MSE counts pixels where both ``warp(src, field)`` and ``tgt`` have data and ``tgt_defects``
-    (target frame) is not set; the rigidity ignores differences touching ``tgt_defects``.
-    """
-    src_data = (src != 0).any(dim=1, keepdim=True)
-    tgt_data = (tgt != 0).any(dim=1, keepdim=True)
-    mask = warp_mask(src_data, field) & tgt_data
-    if tgt_defects is not None:
-        mask &= ~tgt_defects.bool()
-    inner = torch.zeros_like(mask)
-    inner[..., border : mask.shape[-2] - border, border : mask.shape[-1] - border] = True
-    mse = masked_mse(warp(src, field), tgt, mask & inner)
-    rig = rigidity(field, tgt_defects)
-    return mse + rigidity_weight * rig, mse, rig
