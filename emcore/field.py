@@ -111,7 +111,9 @@ def warp(image: torch.Tensor, field: torch.Tensor, *, mode: str = "bilinear") ->
         image: ``(N, C, H, W)`` float tensor; 0 means no data.
         field: ``(N, 2, H, W)`` displacement in pixels at the image's mip. ``N`` may be 1 on
             either side (broadcast).
-        mode: ``"bilinear"`` or ``"nearest"``.
+        mode: ``"bilinear"``, ``"nearest"`` or ``"bicubic"`` (``grid_sample``'s cubic convolution,
+            a = -0.75: sharper, may overshoot, and reads 2 px around each position, so values
+            within 2 px of no-data pixels mix in zeros).
 
     Returns:
         ``(N, C, H, W)`` warped image, 0 wherever the field reads outside ``image``.

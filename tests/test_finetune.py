@@ -239,3 +239,19 @@ def test_invalid_inputs_raise_clear_errors(change, message: str) -> None:
     change(src, tgt, kwargs)
     with pytest.raises(ValueError, match=message):
         finetune(kwargs.pop("src"), kwargs.pop("tgt"), num_iter=kwargs.pop("num_iter", 2), **kwargs)
+
+
+def test_jittered_target_is_seeded_and_keeps_no_data_away(vnc_sections: np.ndarray) -> None:
+    from emcore.finetune.coarse_to_fine import jittered_target
+
+    tgt = _section(vnc_sections, 2, 64)
+    tgt[..., :, :20] = 0  # no data on the left
+    offsets, sampled = jittered_target(tgt, 1.0)
+    again, _ = jittered_target(tgt, 1.0)
+    assert torch.equal(offsets, again) and offsets.shape == (1, 2, 64, 64)
+    assert float(offsets.abs().max()) <= 0.5
+    assert bool((sampled[..., :, :21] == 0).all())  # within 2 px of no data: no value
+    inner = sampled[..., 4:-4, 26:-4]
+    assert bool((inner != 0).all())
+    # Bicubic at offsets of at most half a pixel stays close to the image (normalized units).
+    assert float((inner - tgt[..., 4:-4, 26:-4]).abs().median()) < 0.5
