@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,17 +112,23 @@ class EncoderRecipe:
     note: str = ""
 
 
+#: The retrained recipe shared by encoder_16_64nm and encoder_256_2048nm: a residual U-Net (raw image
+#: at init) trained with the basin term only, on crops with the context padding encode_tiled uses.
+_RESIDUAL_BASIN_ONLY: dict[str, Any] = dict(
+    residual=True,
+    contrast_weight=0.0,
+    basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
+    basin_weight=1.0,
+    basin_growth=0.25,
+    context_padding=True,
+)
+
 ENCODER_RECIPES = {
     "encoder_16_64nm": EncoderRecipe(
         name="encoder_16_64nm",
         resolution_nm=(16.0, 64.0),
         sources=(Source("vnc", 2, 96), Source("vnc", 3, 64)),
-        residual=True,
-        contrast_weight=0.0,
-        basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
-        basin_weight=1.0,
-        basin_growth=0.25,
-        context_padding=True,
+        **_RESIDUAL_BASIN_ONLY,
     ),
     "encoder_64_256nm": EncoderRecipe(
         name="encoder_64_256nm",
@@ -136,12 +143,7 @@ ENCODER_RECIPES = {
         sources=(Source("vnc", 5, 32), Source("medulla", 4, 32)),
         shift_range=(1.5, 4.0),
         max_displacement=3.0,
-        residual=True,
-        contrast_weight=0.0,
-        basin_magnitudes=(0.5, 1.0, 2.0, 3.0),
-        basin_weight=1.0,
-        basin_growth=0.25,
-        context_padding=True,
+        **_RESIDUAL_BASIN_ONLY,
         note=(
             "trained at 147-160 nm/px, below its range: the 4.7-5.2 um wide stacks give only 16-20 px "
             "per section at 256 nm and 2 px at 2048 nm"
