@@ -13,7 +13,7 @@ import torch
 
 from emcore.field import warp
 from emcore.finetune import FinetuneResult, Level, finetune
-from emcore.finetune.coarse_to_fine import default_levels, pyramid_mips
+from emcore.finetune.coarse_to_fine import default_levels, jittered_target, pyramid_mips
 from emcore.metrics import field_residual
 from emcore.normalize import normalize, section_stats
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
@@ -242,8 +242,6 @@ def test_invalid_inputs_raise_clear_errors(change, message: str) -> None:
 
 
 def test_jittered_target_is_seeded_and_keeps_no_data_away(vnc_sections: np.ndarray) -> None:
-    from emcore.finetune.coarse_to_fine import jittered_target
-
     tgt = _section(vnc_sections, 2, 64)
     tgt[..., :, :20] = 0  # no data on the left
     offsets, sampled = jittered_target(tgt, 1.0)
