@@ -34,21 +34,25 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-def _terms_fn(impl: str):
-    """``f(src, tgt, field, masks) -> (3, N)`` stacked terms for one backend / CPU kernel choice."""
+def _terms_fn(impl: str, knobs: dict | None = None):
+    """``f(src, tgt, field, masks) -> (3, N)`` stacked terms for one backend / CPU kernel choice.
+
+    ``knobs``: ``TritonKernels`` arguments for ``impl="triton"`` (default: a block small enough
+    for several blocks per item, the default ``num_warps`` and ``fast_math``)."""
 
     def run(src, tgt, field, masks):
         if impl in ("cpp", "torch"):
             kernels = cpu_kernels(impl)
             terms = fused_terms(src, tgt, field, masks.src_flags, masks.tgt_flags, kernels=kernels)
         elif impl == "triton":
-            from emcore.finetune.loss_triton import triton_terms
+            from emcore.finetune.loss_triton import TritonKernels, triton_terms
 
             dev = TRITON_DEVICE
+            block = 64 if src[0, 0].numel() <= 1024 else 1024  # several blocks per item
             terms = triton_terms(
                 src.to(dev), tgt.to(dev), field if field.device.type == dev else field.to(dev),
                 masks.src_flags.to(dev), masks.tgt_flags.to(dev),
-                block=64 if src[0, 0].numel() <= 1024 else 1024,  # several blocks per item
+                kernels=TritonKernels(**({"block": block} | (knobs or {}))),
             )  # fmt: skip
         else:
             terms = alignment_loss_terms(src, tgt, field, masks=masks, backend="reference")
@@ -118,6 +122,44 @@ def test_gradcheck_float64_triton() -> None:
     assert check(lambda f: fn(src, tgt, f, masks), (f,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+# Non-default Triton knobs: the fast-math spring, other blocks and warps (17 x 23 px: 4-13 blocks).
+KNOBS = [
+    pytest.param({"block": 64, "fast_math": True}, id="fast-math"),
+    pytest.param({"block": 32, "num_warps": 2}, id="block32-warps2"),
+    pytest.param({"block": 128, "num_warps": 8, "fast_math": True}, id="block128-warps8-fast"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("knobs", KNOBS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_knobs_match_reference(knobs: dict, dtype: torch.dtype) -> None:
+    src, tgt, field, masks = _random_case(2, 3, 17, 23, dtype)
+    ref_terms, ref_grad = _value_and_grad(_terms_fn("reference"), src, tgt, field, masks)
+    terms, grad = _value_and_grad(_terms_fn("triton", knobs), src, tgt, field, masks)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(terms, ref_terms, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+
+
+@needs_triton
+def test_gradcheck_float64_triton_fast_math() -> None:
+    src, tgt, field, masks = _random_case(1, 1, 16, 20, torch.float64, seed=2)
+    fn = _terms_fn("triton", {"block": 64, "fast_math": True})
+    f = field.to(TRITON_DEVICE).requires_grad_(True)
+    check = torch.autograd.gradcheck
+    assert check(lambda f: fn(src, tgt, f, masks), (f,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_triton_knobs_are_checked() -> None:
+    from emcore.finetune.loss_triton import TritonKernels
+
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        TritonKernels(block=100)
+    with pytest.raises(ValueError, match="num_warps must be"):
+        TritonKernels(num_warps=3)
+
+
 def _real_pair(size: int, shift_px: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bundled VNC section 0, normalized; tgt = a crop, src = tgt deformed by a smooth field."""
     from emcore.bundled import load_vnc_sections
@@ -131,8 +173,12 @@ def _real_pair(size: int, shift_px: float) -> tuple[torch.Tensor, torch.Tensor, 
     return src, tgt, -0.8 * applied
 
 
-@pytest.mark.parametrize("impl", FAST)
-def test_float32_relative_error_on_real_em(impl: str) -> None:
+@pytest.mark.parametrize(
+    ("impl", "knobs"),
+    [("cpp", None), ("torch", None), pytest.param("triton", None, marks=needs_triton, id="triton"),
+     pytest.param("triton", {"block": 1024, "fast_math": True}, marks=needs_triton, id="triton-fast-math")],
+)  # fmt: skip
+def test_float32_relative_error_on_real_em(impl: str, knobs: dict | None) -> None:
     size = 64 if impl == "triton" else 128  # interpreter: keep Triton inputs tiny (4 blocks)
     src, tgt, field = _real_pair(size, 4.0)
     defects = torch.zeros(1, 1, size, size, dtype=torch.bool)
@@ -142,7 +188,7 @@ def test_float32_relative_error_on_real_em(impl: str) -> None:
         _terms_fn("reference"), src.double(), tgt.double(), field.double(), masks
     )
     ref_terms, ref_grad = _value_and_grad(_terms_fn("reference"), src, tgt, field, masks)
-    terms, grad = _value_and_grad(_terms_fn(impl), src, tgt, field, masks)
+    terms, grad = _value_and_grad(_terms_fn(impl, knobs), src, tgt, field, masks)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -408,3 +454,56 @@ def test_sample_offsets_move_only_the_mse(backend: str) -> None:
 
 def masks_cpu(masks):
     return type(masks)(masks.src_flags.cpu(), masks.tgt_flags.cpu())
+
+
+def _kernels(impl: str):
+    if impl == "triton":
+        from emcore.finetune.loss_triton import TritonKernels
+
+        return TritonKernels(block=64)
+    return cpu_kernels(impl)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("offset_items", [1, 3])
+def test_kernels_sample_at_field_plus_offsets(impl: str, offset_items: int) -> None:
+    """``warp_mse(field, sample_offsets=o)`` = ``warp_mse(field + o)`` (sums, ``w``, gradient), for
+    offsets shaped ``(1, 2, H, W)`` (broadcast over the batch) and ``(N, 2, H, W)``; in the Triton
+    kernel the offsets are read in place, with the same float additions (so: equal)."""
+    src, tgt, field, masks = _random_case(3, 2, 11, 13, torch.float64, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    offsets = torch.rand(offset_items, 2, 11, 13, generator=gen, dtype=torch.float64) * 2 - 1
+    dev = TRITON_DEVICE if impl == "triton" else "cpu"
+    src, tgt, field, offsets = (t.to(dev) for t in (src, tgt, field, offsets))
+    flags = (masks.src_flags.to(dev), masks.tgt_flags.to(dev))
+    kernels = _kernels(impl)
+    inside = kernels.warp_mse(src, tgt, field, *flags, True, sample_offsets=offsets)
+    added = kernels.warp_mse(src, tgt, (field + offsets).contiguous(), *flags, True)
+    assert inside[1].min() > 0 and inside[1].max() < 11 * 13  # some pixels valid, some not
+    for got, want in zip(inside, added, strict=True):
+        assert torch.equal(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("offset_items", [1, 3])
+def test_triton_offsets_loss_and_gradient_match_fused(offset_items: int) -> None:
+    """The full loss with ``sample_offsets`` (offsets in the Triton warp kernel, through ``WarpMSE``)
+    against the fused CPU path (``field + offsets`` before its kernel): terms and gradient."""
+    src, tgt, field, masks = _random_case(3, 1, 12, 14, torch.float64, seed=10)
+    gen = torch.Generator().manual_seed(4)
+    offsets = torch.rand(offset_items, 2, 12, 14, generator=gen, dtype=torch.float64) - 0.5
+
+    def run(backend: str, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
+        f = field.to(dev).requires_grad_(True)
+        dev_masks = LossMasks(masks.src_flags.to(dev), masks.tgt_flags.to(dev))
+        terms = alignment_loss_terms(
+            src.to(dev), tgt.to(dev), f, masks=dev_masks, backend=backend, sample_offsets=offsets.to(dev)
+        )
+        stacked = torch.stack(tuple(terms))
+        (stacked * torch.tensor([[1.3], [0.7], [2.0]], dtype=stacked.dtype, device=dev)).sum().backward()
+        return stacked.detach().cpu(), f.grad.cpu()
+
+    terms, grad = run("triton", TRITON_DEVICE)
+    want_terms, want_grad = run("fused", "cpu")
+    torch.testing.assert_close(terms, want_terms, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)

@@ -76,10 +76,13 @@ _CXX_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", 
 class LossKernels(Protocol):
     """Per-pixel work of the fused loss. All tensors contiguous, same device; flags uint8.
 
-    ``warp_mse(src, tgt, field, src_flags, tgt_flags, need_grad)`` returns ``(sse, count, weight,
-    grad)``: per-item sum of masked squared residuals ``(N,)`` and valid-pixel count ``(N,)`` (any
-    float dtype), ``w`` ``(N, 1, H, W)`` in the field's dtype, and ``d sse / d field``
-    ``(N, 2, H, W)`` (``None`` unless ``need_grad``).
+    ``warp_mse(src, tgt, field, src_flags, tgt_flags, need_grad, sample_offsets=None)`` returns
+    ``(sse, count, weight, grad)``: per-item sum of masked squared residuals ``(N,)`` and
+    valid-pixel count ``(N,)`` (any float dtype), ``w`` ``(N, 1, H, W)`` in the field's dtype, and
+    ``d sse / d field`` ``(N, 2, H, W)`` (``None`` unless ``need_grad``). With ``sample_offsets``
+    (``(1 or N, 2, H, W)`` px, same dtype and device, a first dimension of 1 broadcast over the
+    batch) everything is computed at ``field + sample_offsets`` (the source is sampled there); the
+    gradient is the same expression, so it is also ``d sse / d field``.
 
     ``rigidity(field, weight, need_grad)`` returns ``(energy, sumsq, grad)``: per-item spring energy
     sum (not yet divided by ``H W``) ``(N,)``, per-item ``sum field^2`` ``(N,)``, and
@@ -94,6 +97,7 @@ class LossKernels(Protocol):
         src_flags: torch.Tensor,
         tgt_flags: torch.Tensor,
         need_grad: bool,
+        sample_offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
     def rigidity(
@@ -102,10 +106,12 @@ class LossKernels(Protocol):
 
 
 class WarpMSE(torch.autograd.Function):
-    """``(mse, w) = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels)``.
+    """``(mse, w) = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels, sample_offsets)``.
 
     ``mse`` ``(N,)`` is differentiable w.r.t. ``field`` (analytic gradient from the forward pass);
-    ``w`` ``(N, 1, H, W)`` is the rigidity weight (not differentiable).
+    ``w`` ``(N, 1, H, W)`` is the rigidity weight (not differentiable). ``sample_offsets``: ``None``
+    or ``(1 or N, 2, H, W)`` px added to ``field`` where the source is sampled, passed on to the
+    kernels (a constant: no gradient).
     """
 
     @staticmethod
@@ -117,10 +123,13 @@ class WarpMSE(torch.autograd.Function):
         src_flags: torch.Tensor,
         tgt_flags: torch.Tensor,
         kernels: LossKernels,
+        sample_offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         need_grad = bool(ctx.needs_input_grad[0])
         field = field.contiguous()
-        sse, count, weight, grad = kernels.warp_mse(src, tgt, field, src_flags, tgt_flags, need_grad)
+        sse, count, weight, grad = kernels.warp_mse(
+            src, tgt, field, src_flags, tgt_flags, need_grad, sample_offsets=sample_offsets
+        )
         denom = torch.clamp(count.to(torch.float64) * src.shape[1], min=1.0)
         mse = (sse.to(torch.float64) / denom).to(field.dtype)
         if need_grad:
@@ -133,7 +142,7 @@ class WarpMSE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_mse: torch.Tensor, grad_weight: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_mse.view(-1, 1, 1, 1), None, None, None, None, None
+        return grad * grad_mse.view(-1, 1, 1, 1), None, None, None, None, None, None
 
 
 class RigidityL2(torch.autograd.Function):
@@ -183,7 +192,10 @@ class TorchKernels:
         src_flags: torch.Tensor,
         tgt_flags: torch.Tensor,
         need_grad: bool,
+        sample_offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if sample_offsets is not None:
+            field = field + sample_offsets
         n, c, h, w = src.shape
         hw, row = h * w, w + 2  # images are padded by one zero pixel: every tap is a valid index
         dtype, device = field.dtype, field.device
@@ -355,7 +367,10 @@ class CppKernels:
         src_flags: torch.Tensor,
         tgt_flags: torch.Tensor,
         need_grad: bool,
+        sample_offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if sample_offsets is not None:
+            field = (field + sample_offsets).contiguous()
         self._check(src, tgt, field, src_flags, tgt_flags)
         n, c, h, w = src.shape
         suffix, _ = _CTYPES[field.dtype]
@@ -433,7 +448,6 @@ def fused_terms(
     """
     if kernels is None:
         kernels = cpu_kernels() if field.device.type == "cpu" else TorchKernels()
-    sampled = field if sample_offsets is None else (field + sample_offsets).contiguous()
-    mse, weight = WarpMSE.apply(sampled, src, tgt, src_flags, tgt_flags, kernels)
+    mse, weight = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels, sample_offsets)
     rigidity, l2 = RigidityL2.apply(field, weight, kernels)
     return LossTerms(mse, rigidity, l2)

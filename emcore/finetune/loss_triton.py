@@ -12,10 +12,23 @@ so per-block partial sums never mix batch items and the final sums are determini
 * ``_warp_mse_kernel`` - per output pixel: four bilinear taps of the source flags (warped has-data
   and defect masks), ``valid`` and ``w``; then per channel the four source taps, the residual
   against the target, and ``d sse / d field`` (x and y derivative of the bilinear sample). Writes
-  ``w`` and the gradient, and per-block partial sums of ``sse`` and the valid count.
+  ``w`` and the gradient, and per-block partial sums of ``sse`` and the valid count. With
+  ``HAS_OFFSETS`` it samples at ``p + field(p) + offsets(p)`` (offsets ``(1 or N, 2, H, W)``, a
+  first dimension of 1 broadcast over the batch), read in the kernel instead of a separate
+  ``field + offsets`` pass; the gradient w.r.t. ``field`` is the same expression.
 * ``_rigidity_kernel`` - per pixel its 8 springs (gather form: ``grad(p) = -4 sum_d w(p) w(p+d)
   (|s| - |d|) s / |s|``, ``s = d + field(p+d) - field(p)``), so there is no scatter and no atomics;
-  writes the gradient and per-block partial sums of the energy and of ``field^2``.
+  writes the gradient and per-block partial sums of the energy and of ``field^2``. The rest
+  length ``|d|`` is a compile-time constant (1 or sqrt(2), rounded to the field's dtype like the
+  reference's ``math.sqrt``). ``FAST_MATH`` computes ``1 / |s|`` with one ``rsqrt`` and
+  ``|s| = |s|^2 / |s|`` as a product (one division per spring instead of two, and no
+  correctly rounded ``sqrt``); the stretch keeps the cancellation-free form
+  ``(|s|^2 - |d|^2) / (|s| + |d|)``. Precise is the default.
+
+Knobs (:class:`TritonKernels`): ``block`` (pixels per program, default :data:`BLOCK`),
+``num_warps`` (default :data:`NUM_WARPS`, Triton's own default) and ``fast_math`` (default
+:data:`FAST_MATH`). ``benchmarks/bench_kernels.py --cuda-only --sweep`` times every combination on
+a GPU to pick the defaults.
 
 GPU design notes (float32, C channels, bytes moved to/from DRAM per pixel per iteration, taps
 and neighbours assumed to hit L1/L2 because neighbouring pixels share them; smooth fields keep
@@ -24,20 +37,24 @@ the gather local):
 ================================  =====================================================
 warp+MSE forward                  field 8 + src 4C + tgt 4C + src flags 1 + tgt flags 1
                                   + write w 4 + write grad 8  =  22 + 8C
+  with sample offsets             + offsets 8 (read in the kernel; a ``(1, 2, H, W)``
+                                  offset broadcast over a batch may hit L2: 8 is the bound)
 warp+MSE backward (scale grad)    read 8 + write 8  =  16
 rigidity forward                  field 8 + w 4 + write grad 8  =  20
 rigidity backward (scale + l2)    grad 8 + field 8 + write 8  =  24
 autograd sum of the two grads     read 16 + write 8  =  24
-total                             106 + 8C  (114 B/px/it for C = 1)
+total                             106 + 8C  (114 B/px/it for C = 1; 122 with offsets)
 ================================  =====================================================
 
-The kernels themselves move ``42 + 8C`` B/px (50 for C = 1); the rest is autograd plumbing
-(three elementwise passes). At ~3.3 TB/s (H100 SXM HBM3 datasheet, not measured) the bound is
-~29 Gpx*it/s for C = 1 (~66 Gpx*it/s for the kernels alone). ``benchmarks/bench_kernels.py``
-reports the measured fraction of the bandwidth roofline on CUDA (H200: 27-35 % for 16-64 pairs,
-replayed as a CUDA graph; benchmarks/README.md). CI tests the kernels through the Triton
-interpreter (``tests/test_finetune_losses.py``); ``benchmarks/gpu_check.sh`` runs the same tests
-on a CUDA device.
+The kernels themselves move ``42 + 8C`` B/px (50 for C = 1, 58 with offsets); the rest is
+autograd plumbing (three elementwise passes). Before the offsets were read in the kernel, a
+``field + offsets`` pass moved 24 B/px more (read 16, write 8). At ~3.3 TB/s (H100 SXM HBM3
+datasheet, not measured) the bound is ~29 Gpx*it/s for C = 1 (~66 Gpx*it/s for the kernels
+alone). ``benchmarks/bench_kernels.py`` reports the measured fraction of the bandwidth roofline
+on CUDA (H200: 27-35 % for 16-64 pairs, replayed as a CUDA graph, before the knobs;
+benchmarks/README.md). CI tests the kernels through the Triton interpreter
+(``tests/test_finetune_losses.py``); ``benchmarks/gpu_check.sh`` runs the same tests on a CUDA
+device.
 """
 
 from __future__ import annotations
@@ -49,19 +66,26 @@ import triton.language as tl
 from emcore.finetune.loss_fused import RigidityL2, WarpMSE
 from emcore.finetune.loss_reference import LossTerms
 
-__all__ = ["TritonKernels", "modelled_bytes_per_pixel", "triton_terms"]
+__all__ = ["BLOCK", "FAST_MATH", "NUM_WARPS", "TritonKernels", "modelled_bytes_per_pixel", "triton_terms"]
 
-#: Pixels per program.
+#: Default pixels per program (a power of two).
 BLOCK = 1024
+#: Default warps per program (Triton's own default).
+NUM_WARPS = 4
+#: Default spring arithmetic: ``False`` = correctly rounded ``sqrt`` and two divisions per spring.
+FAST_MATH = False
+
+_SQRT2 = tl.constexpr(1.4142135623730951)  # math.sqrt(2): the reference's diagonal rest length
 
 
-def modelled_bytes_per_pixel(channels: int, itemsize: int = 4) -> int:
+def modelled_bytes_per_pixel(channels: int, itemsize: int = 4, *, offsets: bool = False) -> int:
     """DRAM bytes per pixel per iteration of the Triton path (the table in the module docstring).
 
-    ``channels`` image channels, ``itemsize`` bytes per float (4 for float32). Flags are 1 byte.
+    ``channels`` image channels, ``itemsize`` bytes per float (4 for float32), ``offsets``: the
+    MSE is sampled at ``field + sample_offsets`` (one more field read). Flags are 1 byte.
     """
     fields = 2 * itemsize  # one (x, y) field or gradient pixel
-    warp_forward = fields + 2 * channels * itemsize + 2 + itemsize + fields
+    warp_forward = fields + 2 * channels * itemsize + 2 + itemsize + fields + (fields if offsets else 0)
     warp_backward = 2 * fields
     rigidity_forward = fields + itemsize + fields
     rigidity_backward = 3 * fields
@@ -76,6 +100,8 @@ def _warp_mse_kernel(
     field_ptr,
     src_flags_ptr,
     tgt_flags_ptr,
+    offsets_ptr,
+    offsets_item_stride,
     grad_ptr,
     weight_ptr,
     part_sse_ptr,
@@ -84,8 +110,10 @@ def _warp_mse_kernel(
     H,
     W,
     NEED_GRAD: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``offsets_item_stride``: elements between batch items of the offsets (0 = broadcast)."""
     n = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     num_blocks = tl.num_programs(1)
@@ -97,6 +125,10 @@ def _warp_mse_kernel(
 
     fx = tl.load(field_ptr + n * 2 * hw + offs, mask=inside, other=0.0)
     fy = tl.load(field_ptr + n * 2 * hw + hw + offs, mask=inside, other=0.0)
+    if HAS_OFFSETS:  # the same float additions as a separate ``field + offsets``
+        offsets_item = offsets_ptr + n * offsets_item_stride
+        fx = fx + tl.load(offsets_item + offs, mask=inside, other=0.0)
+        fy = fy + tl.load(offsets_item + hw + offs, mask=inside, other=0.0)
     zero = tl.zeros_like(fx)
     one = zero + 1.0
     sx = x.to(fx.dtype) + fx
@@ -180,9 +212,26 @@ def _precise_sqrt(v):
 
 @triton.jit
 def _spring(
-    fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, DY: tl.constexpr, DX: tl.constexpr
+    fx_ptr,
+    fy_ptr,
+    w_ptr,
+    offs,
+    y,
+    x,
+    H,
+    W,
+    fpx,
+    fpy,
+    wp,
+    inside,
+    DY: tl.constexpr,
+    DX: tl.constexpr,
+    REST: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
-    """Energy of the spring p -> p + (DY, DX) and ``k s`` with ``k = w w (|s| - |d|) / |s|``."""
+    """Energy of the spring p -> p + (DY, DX) and ``k s`` with ``k = w w (|s| - |d|) / |s|``.
+
+    ``REST`` = ``|d|`` as a Python float (1.0 or sqrt(2)), rounded once to the field's dtype."""
     ok = inside & (y + DY >= 0) & (y + DY < H) & (x + DX >= 0) & (x + DX < W)
     q = offs + DY * W + DX
     fqx = tl.load(fx_ptr + q, mask=ok, other=0.0)
@@ -193,11 +242,19 @@ def _spring(
     sx = fqx - fpx + DX
     sy = fqy - fpy + DY
     square = sx * sx + sy * sy
-    length = _precise_sqrt(square)
+    rest = tl.full(fpx.shape, REST, fpx.dtype)  # a float64 field gets the float64 sqrt(2)
     rest_square = zero + (DX * DX + DY * DY)
-    stretch = (square - rest_square) / (length + _precise_sqrt(rest_square))  # = length - rest
-    positive = length > 0
-    k = tl.where(positive, ww * stretch / tl.where(positive, length, zero + 1.0), zero)
+    if FAST_MATH:
+        positive = square > 0
+        inverse = tl.where(positive, tl.rsqrt(tl.where(positive, square, zero + 1.0)), zero)  # 1/|s|, 0 at 0
+        length = square * inverse
+        stretch = (square - rest_square) / (length + rest)  # = length - rest
+        k = ww * stretch * inverse
+    else:
+        length = _precise_sqrt(square)
+        stretch = (square - rest_square) / (length + rest)  # = length - rest
+        positive = length > 0
+        k = tl.where(positive, ww * stretch / tl.where(positive, length, zero + 1.0), zero)
     return ww * stretch * stretch, k * sx, k * sy
 
 
@@ -211,6 +268,7 @@ def _rigidity_kernel(
     H,
     W,
     NEED_GRAD: tl.constexpr,
+    FAST_MATH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -228,14 +286,22 @@ def _rigidity_kernel(
     fpy = tl.load(fy_ptr + offs, mask=inside, other=0.0)
     wp = tl.load(w_ptr + offs, mask=inside, other=0.0)
 
-    e0, ax0, ay0 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, -1)
-    e1, ax1, ay1 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, 0)
-    e2, ax2, ay2 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, 1)
-    e3, ax3, ay3 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 0, -1)
-    e4, ax4, ay4 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 0, 1)
-    e5, ax5, ay5 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, -1)
-    e6, ax6, ay6 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, 0)
-    e7, ax7, ay7 = _spring(fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, 1)
+    e0, ax0, ay0 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, -1, _SQRT2, FAST_MATH)
+    e1, ax1, ay1 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, 0, 1.0, FAST_MATH)
+    e2, ax2, ay2 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, -1, 1, _SQRT2, FAST_MATH)
+    e3, ax3, ay3 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 0, -1, 1.0, FAST_MATH)
+    e4, ax4, ay4 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 0, 1, 1.0, FAST_MATH)
+    e5, ax5, ay5 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, -1, _SQRT2, FAST_MATH)
+    e6, ax6, ay6 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, 0, 1.0, FAST_MATH)
+    e7, ax7, ay7 = _spring(
+        fx_ptr, fy_ptr, w_ptr, offs, y, x, H, W, fpx, fpy, wp, inside, 1, 1, _SQRT2, FAST_MATH)
     energy = e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
     if NEED_GRAD:
         gx = -4.0 * (ax0 + ax1 + ax2 + ax3 + ax4 + ax5 + ax6 + ax7)
@@ -247,12 +313,25 @@ def _rigidity_kernel(
 
 
 class TritonKernels:
-    """:class:`~emcore.finetune.loss_fused.LossKernels` in Triton (contiguous tensors, one device)."""
+    """:class:`~emcore.finetune.loss_fused.LossKernels` in Triton (contiguous tensors, one device).
 
-    def __init__(self, block: int = BLOCK) -> None:
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"block must be a power of two >= 16, got {block}")
+    Args:
+        block: pixels per program, a power of two >= 16 (default :data:`BLOCK`).
+        num_warps: warps per program, a power of two from 1 to 32 (default :data:`NUM_WARPS`).
+        fast_math: ``rsqrt`` spring arithmetic (default :data:`FAST_MATH`; see the module doc).
+    """
+
+    def __init__(self, block: int = BLOCK, num_warps: int = NUM_WARPS, fast_math: bool = FAST_MATH) -> None:
+        if not isinstance(block, int) or block < 16 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {block!r}")
+        if num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
         self.block = block
+        self.num_warps = num_warps
+        self.fast_math = bool(fast_math)
+
+    def __repr__(self) -> str:
+        return f"TritonKernels(block={self.block}, num_warps={self.num_warps}, fast_math={self.fast_math})"
 
     def warp_mse(
         self,
@@ -262,6 +341,7 @@ class TritonKernels:
         src_flags: torch.Tensor,
         tgt_flags: torch.Tensor,
         need_grad: bool,
+        sample_offsets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         n, c, h, w = src.shape
         num_blocks = triton.cdiv(h * w, self.block)
@@ -269,9 +349,16 @@ class TritonKernels:
         grad = torch.empty_like(field) if need_grad else None
         part_sse = torch.empty(n, num_blocks, dtype=field.dtype, device=field.device)
         part_count = torch.empty(n, num_blocks, dtype=torch.float32, device=field.device)
+        if sample_offsets is None:
+            offsets, offsets_item_stride = field, 0  # not read (HAS_OFFSETS=False)
+        else:
+            offsets = sample_offsets.contiguous()
+            offsets_item_stride = 0 if offsets.shape[0] == 1 else 2 * h * w
         _warp_mse_kernel[(n, num_blocks)](
-            src, tgt, field, src_flags, tgt_flags, grad if grad is not None else weight, weight,
-            part_sse, part_count, c, h, w, NEED_GRAD=need_grad, BLOCK=self.block,
+            src, tgt, field, src_flags, tgt_flags, offsets, offsets_item_stride,
+            grad if grad is not None else weight, weight, part_sse, part_count, c, h, w,
+            NEED_GRAD=need_grad, HAS_OFFSETS=sample_offsets is not None, BLOCK=self.block,
+            num_warps=self.num_warps,
         )  # fmt: skip
         return part_sse.sum(1, dtype=torch.float64), part_count.sum(1, dtype=torch.float64), weight, grad
 
@@ -285,7 +372,7 @@ class TritonKernels:
         part_sumsq = torch.empty(n, num_blocks, dtype=field.dtype, device=field.device)
         _rigidity_kernel[(n, num_blocks)](
             field, weight, grad if grad is not None else field, part_energy, part_sumsq, h, w,
-            NEED_GRAD=need_grad, BLOCK=self.block,
+            NEED_GRAD=need_grad, FAST_MATH=self.fast_math, BLOCK=self.block, num_warps=self.num_warps,
         )  # fmt: skip
         return part_energy.sum(1, dtype=torch.float64), part_sumsq.sum(1, dtype=torch.float64), grad
 
@@ -297,14 +384,15 @@ def triton_terms(
     src_flags: torch.Tensor,
     tgt_flags: torch.Tensor,
     *,
-    block: int = BLOCK,
+    kernels: TritonKernels | None = None,
     sample_offsets: torch.Tensor | None = None,
 ) -> LossTerms:
     """The loss terms through the Triton kernels (inputs validated by ``emcore.finetune.losses``).
 
-    ``sample_offsets``: optional px added to ``field`` for the MSE part only."""
-    kernels = TritonKernels(block)
-    sampled = field if sample_offsets is None else (field + sample_offsets).contiguous()
-    mse, weight = WarpMSE.apply(sampled, src, tgt, src_flags, tgt_flags, kernels)
+    ``kernels``: the knobs (default ``TritonKernels()``: :data:`BLOCK`, :data:`NUM_WARPS`,
+    :data:`FAST_MATH`). ``sample_offsets``: optional ``(1 or N, 2, H, W)`` px added to ``field``
+    for the MSE part only, inside the warp kernel (no extra pass over the field)."""
+    kernels = kernels if kernels is not None else TritonKernels()
+    mse, weight = WarpMSE.apply(field, src, tgt, src_flags, tgt_flags, kernels, sample_offsets)
     rigidity, l2 = RigidityL2.apply(field, weight, kernels)
     return LossTerms(mse, rigidity, l2)
