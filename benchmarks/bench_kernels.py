@@ -17,7 +17,17 @@ of a large device copy).
 Accuracy table (float32, 512 px pair): relative L2 error of each backend's loss terms and gradient
 against the float32 reference and against the float64 reference.
 
+Sweep (``--cuda-only --sweep``, CUDA only, instead of the tables above): the Triton kernels' knobs
+(``emcore.finetune.loss_triton.TritonKernels``: ``block`` x ``num_warps`` x ``fast_math``) on
+1x512^2, 16x512^2 and 64x1024^2, each row forward+backward replayed as a CUDA graph, Mpx*it/s,
+ratio to the default knobs measured in the same run on the same size, and the roofline fraction.
+Every config is compiled and warmed once before any timing; the default is timed again at the
+end of each size (the spread of the two is the noise). Per size also the default and the best
+knobs with sample offsets (``(1, 2, H, W)`` jitter offsets of ``jittered_target``, read in the
+warp kernel). Last, the knobs with the best geometric mean of the ratio over the sizes.
+
     .venv/bin/python -m benchmarks.bench_kernels [--quick]
+    .venv/bin/python -m benchmarks.bench_kernels --cuda-only --sweep
 """
 
 from __future__ import annotations
@@ -26,11 +36,15 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
+import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +54,9 @@ from emcore.finetune.loss_fused import cpu_kernels, fused_terms
 from emcore.finetune.losses import LossMasks, alignment_loss, prepare_masks
 from emcore.normalize import normalize, section_stats
 from emcore.synthetic import smooth_field
+
+if TYPE_CHECKING:  # triton is optional: imported where the Triton rows run
+    from emcore.finetune.loss_triton import TritonKernels
 
 SM, L2_WEIGHT = 200.0, 1e-4
 
@@ -144,7 +161,18 @@ def time_backend(
     ``graph=True`` (CUDA): the iteration is captured once into a CUDA graph and replayed, as the
     finetuner's optimizer does on CUDA, so the rate is the kernels' and not Python's launch rate.
     """
-    fn = _loss_fn(backend)
+    return time_loss(_loss_fn(backend), batch, min_seconds, min_iters, graph=graph)
+
+
+def time_loss(
+    fn: Callable[[Batch, torch.Tensor], torch.Tensor],
+    batch: Batch,
+    min_seconds: float,
+    min_iters: int,
+    *,
+    graph: bool = False,
+) -> tuple[float, float | None]:
+    """:func:`time_backend` for a loss function ``fn(batch, field) -> scalar``."""
     field = batch.field.clone().requires_grad_(True)
     sync = torch.cuda.synchronize if batch.field.is_cuda else (lambda: None)
 
@@ -190,6 +218,98 @@ def device_bandwidth(device: str) -> float:
     return 2 * x.numel() * reps / (time.perf_counter() - start)
 
 
+SWEEP_SHAPES = (("1x512^2", 1, 512), ("16x512^2", 16, 512), ("64x1024^2", 64, 1024))
+SWEEP_BLOCKS = (256, 512, 1024, 2048)
+SWEEP_WARPS = (2, 4, 8)
+SWEEP_SECONDS = 0.5  # per timed row (graph replays; ~100-1000 iterations)
+
+
+def _triton_loss_fn(
+    kernels: TritonKernels, offsets: torch.Tensor | None = None
+) -> Callable[[Batch, torch.Tensor], torch.Tensor]:
+    """``(batch, field) -> scalar loss`` through the Triton kernels with the given knobs."""
+    from emcore.finetune.loss_triton import triton_terms
+
+    def fn(b: Batch, f: torch.Tensor) -> torch.Tensor:
+        t = triton_terms(
+            b.src, b.tgt, f, b.masks.src_flags, b.masks.tgt_flags, kernels=kernels, sample_offsets=offsets
+        )
+        return (t.mse + SM * t.rigidity + L2_WEIGHT * t.l2).mean()
+
+    return fn
+
+
+def sweep(
+    batches: dict[str, Batch], bandwidth: float | None, *, graph: bool = True, seconds: float = SWEEP_SECONDS
+) -> None:
+    """Print the knob sweep table (see the module doc) for ``batches`` (already on the device).
+
+    ``bandwidth``: bytes/s for the roofline column (``None``: not shown). ``graph=False`` and a
+    CPU batch under ``TRITON_INTERPRET=1`` run the same code without a GPU (a smoke test only).
+    """
+    from emcore.finetune import loss_triton
+    from emcore.finetune.coarse_to_fine import jittered_target
+
+    knobs = list(itertools.product(SWEEP_BLOCKS, SWEEP_WARPS, (False, True)))
+    configs = [loss_triton.TritonKernels(block, warps, fast) for block, warps, fast in knobs]
+    default = knobs.index((loss_triton.BLOCK, loss_triton.NUM_WARPS, loss_triton.FAST_MATH))
+
+    def roof(rate: float, offsets: bool) -> str:
+        if bandwidth is None:
+            return f"{'n/a':>9}"
+        return f"{rate * 1e6 * loss_triton.modelled_bytes_per_pixel(1, offsets=offsets) / bandwidth:9.1%}"
+
+    def row(name: str, k: TritonKernels, offsets: bool, rate: float, ref: float, note: str = "") -> None:
+        knobs = f"{k.block:>5} {k.num_warps:>5} {int(k.fast_math):>4} {'yes' if offsets else 'no':>7}"
+        print(f"{name:<10} {knobs} {rate:10.1f} {rate / ref:7.2f}x {roof(rate, offsets)}{note}", flush=True)
+
+    def timed(kernels: TritonKernels, offsets: torch.Tensor | None = None) -> float:
+        return time_loss(_triton_loss_fn(kernels, offsets), batch, seconds, 3, graph=graph)[0]
+
+    header = f"{'size':<10} {'block':>5} {'warps':>5} {'fast':>4} {'offsets':>7} {'Mpx*it/s':>10}"
+    header += f" {'vs dflt':>8} {'roofline':>9}"
+    print(header)
+    print("-" * len(header))
+    log_ratios = [0.0] * len(configs)
+    for name, batch in batches.items():
+        start = time.perf_counter()
+        # Warm every config (with and without offsets) before any timing; the first size also
+        # compiles them (the kernels specialize on neither N nor H, W, all multiples of 16 here).
+        offsets = jittered_target(batch.tgt, 1.0)[0]
+        for kernels in configs:
+            for with_offsets in (None, offsets):
+                f = batch.field.clone().requires_grad_(True)
+                _triton_loss_fn(kernels, with_offsets)(batch, f).backward()
+        if batch.field.is_cuda:
+            torch.cuda.synchronize()
+        print(f"# {name}: {len(configs)} configs compiled and warmed in {time.perf_counter() - start:.1f} s",
+              flush=True)  # fmt: skip
+        # Rows are printed as they are timed (a timeout keeps what was measured).
+        ref = timed(configs[default])
+        row(name, configs[default], False, ref, ref, "  (default)")
+        rates = {default: ref}
+        for i, kernels in enumerate(configs):
+            if i != default:
+                rates[i] = timed(kernels)
+                row(name, kernels, False, rates[i], ref)
+        row(name, configs[default], False, timed(configs[default]), ref, "  (default, timed again)")
+        best = max(rates, key=rates.__getitem__)
+        for i in dict.fromkeys((default, best)):
+            rate = timed(configs[i], offsets)
+            row(name, configs[i], True, rate, ref, f"  ({rate / rates[i]:.2f}x these knobs without offsets)")
+        for i, rate in rates.items():
+            log_ratios[i] += math.log(rate / ref)
+        k = configs[best]
+        print(f"# {name}: best block={k.block} num_warps={k.num_warps} fast_math={k.fast_math}: "
+              f"{rates[best]:.1f} Mpx*it/s, {rates[best] / ref:.2f}x the default, roofline "
+              f"{roof(rates[best], False).strip()}; {time.perf_counter() - start:.1f} s")  # fmt: skip
+    overall = max(range(len(configs)), key=log_ratios.__getitem__)
+    k = configs[overall]
+    gain = math.exp(log_ratios[overall] / len(batches))
+    print(f"# best over the sizes (geometric mean of the ratio to the default): block={k.block} "
+          f"num_warps={k.num_warps} fast_math={k.fast_math}: {gain:.2f}x the default")  # fmt: skip
+
+
 def accuracy_rows(batch: Batch, backends: list[str]) -> list[tuple[str, float, float, float, float]]:
     """``(backend, terms rel err vs f32 ref, grad vs f32 ref, terms vs f64 ref, grad vs f64 ref)``."""
     from emcore.finetune.losses import alignment_loss_terms
@@ -232,8 +352,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512 px and a batch of 4 x 512 px, short runs")
     parser.add_argument("--cuda-only", action="store_true", help="skip the CPU speed table (GPU machines)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="with --cuda-only: only the Triton knob sweep"
+    )
     args = parser.parse_args()
     return_freed_memory_to_the_os()
+    if args.sweep:
+        if not (args.cuda_only and torch.cuda.is_available()):
+            sys.exit("--sweep times the Triton kernels on CUDA: run it with --cuda-only on a GPU machine")
+        print(f"# bench_kernels --cuda-only --sweep: forward+backward of the Triton loss (sm={SM}, "
+              f"l2_weight={L2_WEIGHT}), float32, C=1, CUDA graph, {SWEEP_SECONDS} s per row")  # fmt: skip
+        bandwidth = device_bandwidth("cuda")
+        print(f"# CUDA {torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; torch "
+              f"{torch.__version__}")  # fmt: skip
+        sweep({name: make_batch(name, n, size).to("cuda") for name, n, size in SWEEP_SHAPES}, bandwidth)
+        return
 
     shapes = [("1x512^2", 1, 512), ("4x512^2", 4, 512)] if args.quick else [
         ("1x512^2", 1, 512), ("1x1024^2", 1, 1024), ("16x512^2", 16, 512),
