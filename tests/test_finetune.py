@@ -7,13 +7,22 @@ seconds. Accuracy at benchmark scale is measured in benchmarks/bench_finetune.py
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from emcore.field import warp
 from emcore.finetune import FinetuneResult, Level, finetune
-from emcore.finetune.coarse_to_fine import default_levels, jittered_target, pyramid_mips
+from emcore.finetune.coarse_to_fine import (
+    DEFAULT_BENDING,
+    DEFAULT_GRID_LR,
+    DEFAULT_GRID_SM_FACTOR,
+    default_levels,
+    jittered_target,
+    pyramid_mips,
+)
 from emcore.metrics import field_residual
 from emcore.normalize import normalize, section_stats
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
@@ -163,9 +172,16 @@ def test_explicit_levels_and_pyramid_mips() -> None:
 
 
 def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
-    assert default_levels(512, 512, 4) == [Level(3), Level(2), Level(0, field_mip=2, jitter=1.0)]
-    assert default_levels(96, 96, 4) == [Level(2), Level(0, field_mip=2, jitter=1.0)]
-    assert default_levels(64, 64, 2) == [Level(1), Level(0, field_mip=1, jitter=1.0)]
+    grid_sm = 3.0 * DEFAULT_GRID_SM_FACTOR
+    smooth = Level(0, field_mip=4, jitter=1.0, lr=DEFAULT_GRID_LR, sm=grid_sm, bending=DEFAULT_BENDING)
+    assert default_levels(512, 512, 4) == [Level(3), Level(2), smooth]
+    assert default_levels(512, 512, 4, sm=200.0)[-1].sm == pytest.approx(20.0)
+    assert default_levels(96, 96, 4) == [Level(2), replace(smooth, field_mip=4)]  # 6 cells of 16 px
+    assert default_levels(48, 48, 4)[-1].field_mip == 3  # 16 px cells would leave 3 per side
+    # Defects: the last grid keeps 4 px cells and springs only, so the field can tear.
+    assert default_levels(512, 512, 4, tears=True) == [Level(3), Level(2), Level(0, field_mip=2, jitter=1.0)]
+    assert default_levels(96, 96, 4, tears=True) == [Level(2), Level(0, field_mip=2, jitter=1.0)]
+    assert default_levels(64, 64, 2, tears=True) == [Level(1), Level(0, field_mip=1, jitter=1.0)]
     assert default_levels(512, 512, 1) == [Level(0, jitter=1.0)]
     with pytest.raises(ValueError, match="field_mip must be an int >= mip"):
         Level(2, field_mip=1)
@@ -193,6 +209,24 @@ def test_control_grid_level_cannot_fit_noise_pixel_by_pixel(vnc_sections: np.nda
         error[grid] = field_residual(field, true, border=16).median
     assert roughness[2] < 0.5 * roughness[None], roughness
     assert error[2] < 0.15, error
+
+
+def test_bending_grid_recovers_strain_that_springs_bias(vnc_sections: np.ndarray) -> None:
+    """4 % stretch + 2 deg rotation under noise: the default last level (16 px grid, bending
+    energy, weak springs) leaves half the error of the spring-only schedule used with defects,
+    whose springs pull the stretched section towards a rigid one."""
+    size = 128
+    gen = torch.Generator().manual_seed(2)
+    tgt = _section(vnc_sections, 0, size)
+    src, tgt, true = _pair(tgt, affine_field(size, size, scale=1.04, rotation_deg=2.0))
+    src = torch.where(src != 0, src + 0.2 * torch.randn(src.shape, generator=gen), src)
+    tgt = tgt + 0.2 * torch.randn(tgt.shape, generator=gen)
+    error = {}
+    for tears in (False, True):
+        levels = default_levels(size, size, 4, tears=tears)
+        error[tears] = field_residual(finetune(src, tgt, levels=levels, num_iter=300).field, true, border=16)
+    assert error[False].median < 0.04 and error[False].p95 < 0.08, error
+    assert error[False].median < 0.6 * error[True].median, error
 
 
 def test_jitter_removes_the_noise_bias_towards_fractional_positions(vnc_sections: np.ndarray) -> None:

@@ -55,11 +55,12 @@ __all__ = [
 # The defaults below were chosen by the sweeps in benchmarks/README.md ("Accuracy and speed vs
 # peers"), on real EM with known deformations, not per case.
 
-#: Rigidity weight at every level. The published 200 penalizes real strain (1-5 %) so much with this
-#: loss that the true field costs more than no field at all (measured). With the default schedule
-#: (control-grid last level) 3 balances the smooth (lower sm fits noise) and large (higher sm
-#: biases strained fields) cases: sm 2 / 3 / 5 gave smooth 0.063 / 0.057 / 0.054 px and large
-#: 0.075 / 0.083 / 0.110 px median (benchmarks/README.md).
+#: Rigidity weight of the per-pixel levels (the default schedule's last level uses a tenth of it
+#: next to the bending energy; with defects, all of it). The published 200 penalizes real strain
+#: (1-5 %) so much with this loss that the true field costs more than no field at all (measured).
+#: With a spring-only control-grid last level, 3 balanced the smooth (lower sm fits noise) and
+#: large (higher sm biases strained fields) cases: sm 2 / 3 / 5 gave smooth 0.063 / 0.057 / 0.054
+#: px and large 0.075 / 0.083 / 0.110 px median (benchmarks/README.md).
 DEFAULT_SM = 3.0
 #: Initial Adam step at mip 0 in px; a level at mip ``k`` starts at ``lr * 2**k`` (its own px).
 DEFAULT_LR: float = AdamSchedule.lr
@@ -71,7 +72,8 @@ DEFAULT_REL_TOL: float = AdamSchedule.rel_tol
 DEFAULT_MAX_HALVINGS: int = AdamSchedule.max_halvings
 #: Pyramid depth (mips 3..0 where the chunk size allows, see ``pyramid_mips``), turned into a
 #: schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`: per-pixel levels at mips 3
-#: and 2, then the loss at mip 0 with the field as a control grid at mip 2 and sampling jitter.
+#: and 2, then the loss at mip 0 with sampling jitter and the field as a control grid, at mip 4
+#: with the bending energy (no defects in the call) or at mip 2 with springs only (defects).
 DEFAULT_LEVELS = 4
 
 
@@ -180,9 +182,12 @@ def finetune(
             coarse alignment's residual); default identity (zeros).
         src_defects: optional ``(N, 1, H, W)`` defect mask (folds, cracks; nonzero = defect) in
             the source frame; tgt_defects: the same in the target frame. Springs at defects are
-            cut, so the field may tear there, and defect pixels don't count in the MSE.
-        sm: rigidity weight at every level (default :data:`DEFAULT_SM` = 3; the published 200
-            over-penalizes real strain with this loss, see ``DEFAULT_SM``).
+            cut, so the field may tear there, and defect pixels don't count in the MSE. With
+            any defect in the call, the default schedule ends on a finer spring-only grid (see
+            ``levels``).
+        sm: rigidity weight (default :data:`DEFAULT_SM` = 3; the published 200 over-penalizes
+            real strain with this loss, see ``DEFAULT_SM``): at every per-pixel level; the
+            default schedule's bending grid level uses ``sm / 10``.
         num_iter: most iterations per level and item (published default 2000; early stop usually
             ends a level after 20-300 on the benchmark cases).
         lr: initial Adam step in px at mip 0; a level at mip ``k`` starts at ``lr * 2**k`` of its
@@ -194,8 +199,9 @@ def finetune(
         levels: pyramid depth (an int: the schedule of
             :func:`~emcore.finetune.coarse_to_fine.default_levels` for the mips
             :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
-            per-pixel level at the input mip) or an explicit list of :class:`Level` (coarsest first,
-            per-level ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``).
+            per-pixel level at the input mip; ``tears`` = whether ``src_defects``/``tgt_defects``
+            hold any defect) or an explicit list of :class:`Level` (coarsest first, per-level
+            ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
         check_every: iterations between host checks for "all items stopped" (default 1 on CPU,
@@ -216,7 +222,8 @@ def finetune(
     )
     n, _, h, w = src.shape
     if isinstance(levels, int):
-        schedule = default_levels(h, w, levels)
+        tears = any(d is not None and bool(d.any()) for d in (src_defects, tgt_defects))
+        schedule = default_levels(h, w, levels, sm=float(sm), tears=tears)
     else:
         schedule = list(levels)
         if not all(isinstance(lv, Level) for lv in schedule):

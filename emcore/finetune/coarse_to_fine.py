@@ -20,7 +20,9 @@ Per level (all in px at that level's mip):
    (:func:`jittered_target`).
 
 The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
-at mips 3 and 2, then the loss at mip 0 with the field on a mip-2 control grid and jitter 1 px.
+at mips 3 and 2, then the loss at mip 0 with jitter 1 px and the field on a control grid: at mip 4
+(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`) when the chunk has no
+defects, at mip 2 with springs only when it has (so the field can tear at folds and cracks).
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -30,6 +32,7 @@ mips that fit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -42,8 +45,12 @@ from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
+    "DEFAULT_BENDING",
     "DEFAULT_FIELD_MIP",
+    "DEFAULT_GRID_LR",
+    "DEFAULT_GRID_SM_FACTOR",
     "DEFAULT_JITTER",
+    "DEFAULT_SMOOTH_FIELD_MIP",
     "Level",
     "coarse_to_fine",
     "default_levels",
@@ -76,6 +83,10 @@ class Level:
             drops to 1/4 at a half pixel), so the MSE prefers fractional positions and biases the
             field by a smooth pattern that follows ``frac(field)``; with random offsets on both
             sides that preference averages out (measured on real EM, benchmarks/README.md).
+        bending: weight of the bending energy of the optimized field (control grid or per-pixel
+            field; :func:`emcore.finetune.bending.bending_energy` in px at ``mip``), 0 = off. It
+            smooths without penalizing affine motion; a stiff term for Adam, so pair it with a small
+            ``lr`` (see :data:`DEFAULT_GRID_LR`).
     """
 
     mip: int
@@ -86,6 +97,7 @@ class Level:
     sm: float | None = None
     field_mip: int | None = None
     jitter: float = 0.0
+    bending: float = 0.0
 
     def __post_init__(self) -> None:
         grid = self.field_mip
@@ -93,6 +105,8 @@ class Level:
             raise ValueError(f"Level.field_mip must be an int >= mip ({self.mip}), got {self.field_mip!r}")
         if not (isinstance(self.jitter, int | float) and 0.0 <= self.jitter <= 1.0):
             raise ValueError(f"Level.jitter must be in [0, 1] px, got {self.jitter!r}")
+        if not (isinstance(self.bending, int | float) and math.isfinite(self.bending) and self.bending >= 0):
+            raise ValueError(f"Level.bending must be a finite number >= 0, got {self.bending!r}")
 
     @property
     def parameter_mip(self) -> int:
@@ -155,27 +169,76 @@ def _check_levels(levels: Sequence[Level], height: int, width: int) -> None:
         )
 
 
-#: Mip of the last level's control grid in :func:`default_levels` (4x4 px cells at the input mip).
+#: Mip of the per-pixel levels' finest level and, with defects, of the last level's control grid
+#: in :func:`default_levels` (4x4 px cells at the input mip: fine enough for a tear).
 DEFAULT_FIELD_MIP = 2
+#: Mip of the last level's control grid in :func:`default_levels` when the chunk has no defects
+#: (16x16 px cells at the input mip, smoothed by the bending energy).
+DEFAULT_SMOOTH_FIELD_MIP = 4
 #: Sampling jitter of the last level in :func:`default_levels`, px at the input mip.
 DEFAULT_JITTER = 1.0
+#: Weight of the bending energy (:mod:`emcore.finetune.bending`, mip-0 units) on the last level
+#: of a chunk without defects.
+DEFAULT_BENDING = 5e3
+#: Spring weight of that level relative to the call's ``sm``: with the bending energy doing the
+#: smoothing, the springs only keep the grid from folding over, and a low weight does not pull
+#: a strained section towards a rigid one.
+DEFAULT_GRID_SM_FACTOR = 0.1
+#: Initial Adam step of that level, px at its grid mip (0.032 px at mip 0 for a mip-4 grid):
+#: Adam's steps of ~lr per value oscillate against the stiff bending term when larger.
+DEFAULT_GRID_LR = 2e-3
 
 
-def default_levels(height: int, width: int, levels: int) -> list[Level]:
+def _smooth_grid_mip(height: int, width: int) -> int:
+    """The coarsest mip <= :data:`DEFAULT_SMOOTH_FIELD_MIP` that leaves >= 4 whole cells per side."""
+    k = DEFAULT_SMOOTH_FIELD_MIP
+    while k > 0 and (height % 2**k or width % 2**k or min(height, width) // 2**k < 4):
+        k -= 1
+    return k
+
+
+def default_levels(
+    height: int, width: int, levels: int, *, sm: float = 3.0, tears: bool = False
+) -> list[Level]:
     """The default schedule for ``levels`` pyramid levels (measured, benchmarks/README.md).
 
     Per-pixel levels at the mips of :func:`pyramid_mips` down to :data:`DEFAULT_FIELD_MIP`, then a
-    last level whose loss runs at mip 0 (every pixel, with sampling jitter) while its field is a
-    control grid at :data:`DEFAULT_FIELD_MIP` (or the coarsest mip the chunk allows). E.g. a 512
-    px chunk, 4 levels: mips 3 and 2 per pixel, then mip 0 with the field at mip 2. ``levels=1``:
-    one per-pixel level at mip 0 with jitter.
+    last level whose loss runs at mip 0 (every pixel, sampling jitter :data:`DEFAULT_JITTER`) while
+    its field is a control grid:
+
+    * no defects (``tears=False``): the grid at :data:`DEFAULT_SMOOTH_FIELD_MIP` (16 px cells, or
+      the coarsest mip that leaves >= 4 cells), with the bending energy
+      (:data:`DEFAULT_BENDING`) as the smoothness term, springs at ``sm *``
+      :data:`DEFAULT_GRID_SM_FACTOR` and a small first step (:data:`DEFAULT_GRID_LR`). Affine
+      motion costs nothing, so neither noise nor true strain biases the field.
+    * defects (``tears=True``): the grid at :data:`DEFAULT_FIELD_MIP` (4 px cells) with the springs
+      at ``sm`` (cut at the defects) and no bending, so the field can tear within a few px.
+
+    E.g. a 512 px chunk, 4 levels: mips 3 and 2 per pixel, then mip 0 with the field at mip 4
+    (mip 2 with defects). ``levels=1``: one per-pixel level at mip 0 with jitter.
+
+    Args:
+        height, width: chunk size in px at the input mip.
+        levels: pyramid depth (see :func:`pyramid_mips`).
+        sm: the call's rigidity weight (the per-pixel levels use it as is).
+        tears: whether the chunk has defect masks with any defect in them.
     """
     mips = pyramid_mips(height, width, levels)
     if len(mips) == 1:
         return [Level(0, jitter=DEFAULT_JITTER)]
-    grid = min(DEFAULT_FIELD_MIP, mips[0])
-    coarse = [Level(m) for m in mips if m >= grid]
-    return [*coarse, Level(0, field_mip=grid, jitter=DEFAULT_JITTER)]
+    fine = min(DEFAULT_FIELD_MIP, mips[0])
+    coarse = [Level(m) for m in mips if m >= fine]
+    if tears:
+        return [*coarse, Level(0, field_mip=fine, jitter=DEFAULT_JITTER)]
+    last = Level(
+        0,
+        field_mip=max(fine, _smooth_grid_mip(height, width)),
+        jitter=DEFAULT_JITTER,
+        lr=DEFAULT_GRID_LR,
+        sm=sm * DEFAULT_GRID_SM_FACTOR,
+        bending=DEFAULT_BENDING,
+    )
+    return [*coarse, last]
 
 
 def jittered_target(tgt: torch.Tensor, jitter: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +325,7 @@ def coarse_to_fine(
             check_every=check_every,
             field_mip=level.parameter_mip - level.mip,
             sample_offsets=offsets,
+            bending=level.bending,
         )
         outcomes.append(outcome)
         field = outcome.field

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from emcore.field import resample_field
+from emcore.finetune.bending import bending_energy
 from emcore.finetune.losses import LossMasks, alignment_loss, resolve_backend
 
 __all__ = ["AdamSchedule", "LevelOutcome", "adam_finetune"]
@@ -127,6 +128,7 @@ def adam_finetune(
     cuda_graph: bool | None = None,
     field_mip: int = 0,
     sample_offsets: torch.Tensor | None = None,
+    bending: float = 0.0,
 ) -> LevelOutcome:
     """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
 
@@ -150,6 +152,9 @@ def adam_finetune(
             suffices. ``H`` and ``W`` must be divisible by ``2**k``.
         sample_offsets: optional ``(1 or N, 2, H, W)`` px added to the field where the MSE samples
             the source (see :func:`emcore.finetune.losses.alignment_loss`).
+        bending: weight of the optimized field's bending energy
+            (:func:`emcore.finetune.bending.bending_energy`, in px at the images' mip), added to
+            each item's loss; 0 = off.
 
     Returns:
         :class:`LevelOutcome`.
@@ -204,6 +209,8 @@ def adam_finetune(
             reduction="none",
             sample_offsets=sample_offsets,
         )
+        if bending:
+            loss = loss + bending * bending_energy(f, mip=field_mip)
         (grad,) = torch.autograd.grad(loss.sum(), f)
         loss = loss.detach()
         iterations.add_(active.to(torch.int64))
