@@ -18,9 +18,10 @@ Accuracy table (float32, 512 px pair): relative L2 error of each backend's loss 
 against the float32 reference and against the float64 reference.
 
 Sweep (``--cuda-only --sweep``, CUDA only, instead of the tables above): the Triton kernels' knobs
-(``emcore.finetune.loss_triton.TritonKernels``: ``block`` x ``num_warps`` x ``fast_math``) on
-1x512^2, 16x512^2 and 64x1024^2, each row forward+backward replayed as a CUDA graph, Mpx*it/s,
-ratio to the default knobs measured in the same run on the same size, and the roofline fraction.
+(``emcore.finetune.loss_triton.TritonKernels``: ``block`` 128-2048 x ``num_warps`` 2-8 with 1 to 8
+pixels per thread, x ``fast_math``: 22 configs) on 1x512^2, 16x512^2 and 64x1024^2, each row
+forward+backward replayed as a CUDA graph, Mpx*it/s, ratio to the default knobs measured in the
+same run on the same size, and the roofline fraction.
 Every config is compiled and warmed once before any timing; the default is timed again at the
 end of each size (the spread of the two is the noise). Per size also the default and the best
 knobs with sample offsets (``(1, 2, H, W)`` jitter offsets of ``jittered_target``, read in the
@@ -195,12 +196,17 @@ def time_loss(
                 with torch.cuda.graph(cuda_graph):
                     fn(batch, field).backward()  # grads accumulate into the static .grad
                 run = cuda_graph.replay
-        iters, start = 0, time.perf_counter()
-        while iters < min_iters or time.perf_counter() - start < min_seconds:
-            run()
-            iters += 1
-        sync()
-        elapsed = time.perf_counter() - start
+        # Rounds of iterations, each sized from the rate so far and followed by a sync: launches
+        # are asynchronous, and a loop that only watched the clock would queue up to ~1000
+        # iterations beyond min_seconds (seconds of extra wall time per row for large batches).
+        iters, start, elapsed, rounds = 0, time.perf_counter(), 0.0, max(1, min_iters)
+        while iters < min_iters or elapsed < min_seconds:
+            for _ in range(rounds):
+                run()
+            iters += rounds
+            sync()
+            elapsed = time.perf_counter() - start
+            rounds = max(1, math.ceil((min_seconds - elapsed) * iters / elapsed))
     field.grad = None
     return batch.megapixels * iters / elapsed, peak.mib
 
@@ -219,9 +225,13 @@ def device_bandwidth(device: str) -> float:
 
 
 SWEEP_SHAPES = (("1x512^2", 1, 512), ("16x512^2", 16, 512), ("64x1024^2", 64, 1024))
-SWEEP_BLOCKS = (256, 512, 1024, 2048)
+SWEEP_BLOCKS = (128, 256, 512, 1024, 2048)
 SWEEP_WARPS = (2, 4, 8)
-SWEEP_SECONDS = 0.5  # per timed row (graph replays; ~100-1000 iterations)
+#: Pixels per thread (``block / (32 num_warps)``) kept in the sweep. The H200 sweep of 2026-11-26
+#: measured 16 and 32 (1024/2, 2048/2, 2048/4) at 0.2-0.67x the default on every size (spills),
+#: and fewer than 1 leaves threads idle; dropping them saves their compilation.
+SWEEP_PIXELS_PER_THREAD = (1, 8)
+SWEEP_SECONDS = 0.3  # per timed row (graph replays: ~50-4000 iterations)
 
 
 def _triton_loss_fn(
@@ -250,7 +260,14 @@ def sweep(
     from emcore.finetune import loss_triton
     from emcore.finetune.coarse_to_fine import jittered_target
 
-    knobs = list(itertools.product(SWEEP_BLOCKS, SWEEP_WARPS, (False, True)))
+    low, high = SWEEP_PIXELS_PER_THREAD
+    knobs = [
+        (block, warps, fast)
+        for block, warps, fast in itertools.product(SWEEP_BLOCKS, SWEEP_WARPS, (False, True))
+        if low <= block // (32 * warps) <= high
+    ]
+    if (loss_triton.BLOCK, loss_triton.NUM_WARPS, loss_triton.FAST_MATH) not in knobs:
+        knobs.insert(0, (loss_triton.BLOCK, loss_triton.NUM_WARPS, loss_triton.FAST_MATH))
     configs = [loss_triton.TritonKernels(block, warps, fast) for block, warps, fast in knobs]
     default = knobs.index((loss_triton.BLOCK, loss_triton.NUM_WARPS, loss_triton.FAST_MATH))
 
@@ -273,13 +290,13 @@ def sweep(
     log_ratios = [0.0] * len(configs)
     for name, batch in batches.items():
         start = time.perf_counter()
-        # Warm every config (with and without offsets) before any timing; the first size also
-        # compiles them (the kernels specialize on neither N nor H, W, all multiples of 16 here).
+        # Warm every config before any timing; the first size also compiles them (the kernels
+        # specialize on neither N nor H, W, all multiples of 16 here). The offsets variant of the
+        # warp kernel is compiled by the warm-up of its two rows, before their timing.
         offsets = jittered_target(batch.tgt, 1.0)[0]
         for kernels in configs:
-            for with_offsets in (None, offsets):
-                f = batch.field.clone().requires_grad_(True)
-                _triton_loss_fn(kernels, with_offsets)(batch, f).backward()
+            f = batch.field.clone().requires_grad_(True)
+            _triton_loss_fn(kernels)(batch, f).backward()
         if batch.field.is_cuda:
             torch.cuda.synchronize()
         print(f"# {name}: {len(configs)} configs compiled and warmed in {time.perf_counter() - start:.1f} s",

@@ -2,7 +2,8 @@
 # The GPU checks of the finetuner, as one script for a lent CUDA machine (see benchmarks/README.md):
 # the CUDA/Triton tests, the kernel table (roofline), the Triton knob sweep and the end-to-end
 # pairs/s table. Budget: ~7 minutes on an H200, Triton compilation included; each step has a
-# timeout and prints its elapsed seconds.
+# timeout and prints its elapsed seconds (H200, 2026-11-26: tests 33 s; kernel table 58 s before
+# its timing loop stopped queueing replays past the time limit; sweep ~30 s of compilation).
 # Usage: OUT=<dir> bash benchmarks/gpu_check.sh   (logs go to $OUT, default ./gpu_logs)
 set -uo pipefail
 OUT="${OUT:-gpu_logs}"

@@ -23,12 +23,16 @@ so per-block partial sums never mix batch items and the final sums are determini
   reference's ``math.sqrt``). ``FAST_MATH`` computes ``1 / |s|`` with one ``rsqrt`` and
   ``|s| = |s|^2 / |s|`` as a product (one division per spring instead of two, and no
   correctly rounded ``sqrt``); the stretch keeps the cancellation-free form
-  ``(|s|^2 - |d|^2) / (|s| + |d|)``. Precise is the default.
+  ``(|s|^2 - |d|^2) / (|s| + |d|)``. Its float32 error against the reference is that of the
+  precise variant within the tests' tolerances (``tests/test_finetune_losses.py``, also on CUDA).
 
-Knobs (:class:`TritonKernels`): ``block`` (pixels per program, default :data:`BLOCK`),
-``num_warps`` (default :data:`NUM_WARPS`, Triton's own default) and ``fast_math`` (default
-:data:`FAST_MATH`). ``benchmarks/bench_kernels.py --cuda-only --sweep`` times every combination on
-a GPU to pick the defaults.
+Knobs (:class:`TritonKernels`): ``block`` (pixels per program), ``num_warps`` and ``fast_math``.
+``benchmarks/bench_kernels.py --cuda-only --sweep`` times the combinations on a GPU. The defaults
+(:data:`BLOCK` 512, :data:`NUM_WARPS` 4, :data:`FAST_MATH` on) come from its run on an H200
+(2026-11-26, CUDA graph, forward + backward): 1.04x / 1.28x / 1.36x the rate of the former
+defaults (block 1024, 4 warps, precise) on 1 x 512^2 / 16 x 512^2 / 64 x 1024^2, where the best
+of the 24 combinations was 1.08x / 1.28x / 1.37x; fast math alone gave 1.06x / 1.14x at block
+1024, and blocks of 1024-2048 pixels with 2-4 warps (16-32 pixels per thread) ran at 0.2-0.67x.
 
 GPU design notes (float32, C channels, bytes moved to/from DRAM per pixel per iteration, taps
 and neighbours assumed to hit L1/L2 because neighbouring pixels share them; smooth fields keep
@@ -68,12 +72,13 @@ from emcore.finetune.loss_reference import LossTerms
 
 __all__ = ["BLOCK", "FAST_MATH", "NUM_WARPS", "TritonKernels", "modelled_bytes_per_pixel", "triton_terms"]
 
-#: Default pixels per program (a power of two).
-BLOCK = 1024
+#: Default pixels per program (a power of two; H200 sweep, see the module doc).
+BLOCK = 512
 #: Default warps per program (Triton's own default).
 NUM_WARPS = 4
-#: Default spring arithmetic: ``False`` = correctly rounded ``sqrt`` and two divisions per spring.
-FAST_MATH = False
+#: Default spring arithmetic: ``True`` = one ``rsqrt`` and one division per spring, ``False`` =
+#: correctly rounded ``sqrt`` and two divisions.
+FAST_MATH = True
 
 _SQRT2 = tl.constexpr(1.4142135623730951)  # math.sqrt(2): the reference's diagonal rest length
 
@@ -318,7 +323,8 @@ class TritonKernels:
     Args:
         block: pixels per program, a power of two >= 16 (default :data:`BLOCK`).
         num_warps: warps per program, a power of two from 1 to 32 (default :data:`NUM_WARPS`).
-        fast_math: ``rsqrt`` spring arithmetic (default :data:`FAST_MATH`; see the module doc).
+        fast_math: ``rsqrt`` spring arithmetic, ``False`` = precise (default :data:`FAST_MATH`;
+            see the module doc).
     """
 
     def __init__(self, block: int = BLOCK, num_warps: int = NUM_WARPS, fast_math: bool = FAST_MATH) -> None:
