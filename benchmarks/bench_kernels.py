@@ -206,7 +206,7 @@ def time_loss(
             iters += rounds
             sync()
             elapsed = time.perf_counter() - start
-            rounds = max(1, math.ceil((min_seconds - elapsed) * iters / elapsed))
+            rounds = max(1, math.ceil((min_seconds - elapsed) * iters / max(elapsed, 1e-9)))
     field.grad = None
     return batch.megapixels * iters / elapsed, peak.mib
 
@@ -277,8 +277,8 @@ def sweep(
         return f"{rate * 1e6 * loss_triton.modelled_bytes_per_pixel(1, offsets=offsets) / bandwidth:9.1%}"
 
     def row(name: str, k: TritonKernels, offsets: bool, rate: float, ref: float, note: str = "") -> None:
-        knobs = f"{k.block:>5} {k.num_warps:>5} {int(k.fast_math):>4} {'yes' if offsets else 'no':>7}"
-        print(f"{name:<10} {knobs} {rate:10.1f} {rate / ref:7.2f}x {roof(rate, offsets)}{note}", flush=True)
+        cols = f"{k.block:>5} {k.num_warps:>5} {int(k.fast_math):>4} {'yes' if offsets else 'no':>7}"
+        print(f"{name:<10} {cols} {rate:10.1f} {rate / ref:7.2f}x {roof(rate, offsets)}{note}", flush=True)
 
     def timed(kernels: TritonKernels, offsets: torch.Tensor | None = None) -> float:
         return time_loss(_triton_loss_fn(kernels, offsets), batch, seconds, 3, graph=graph)[0]
