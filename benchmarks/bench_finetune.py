@@ -13,6 +13,7 @@ and compares throughput in Mpx*it/s (megapixels times iterations per second).
 
     .venv/bin/python -m benchmarks.bench_finetune           # vnc + medulla, 2 pairs per kind
     .venv/bin/python -m benchmarks.bench_finetune --quick   # bundled vnc, 1 pair per kind
+    .venv/bin/python -m benchmarks.bench_finetune --resample bicubic --no-reference  # bicubic sources
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_kernels import PeakMemory, return_freed_memory_to_the_os
-from benchmarks.cases import KINDS, Case, make_cases
+from benchmarks.cases import KINDS, RESAMPLING, Case, make_cases
 from benchmarks.peers import check_conventions, peers, sofima_available
 from emcore.finetune import finetune
 from emcore.finetune.losses import alignment_loss, prepare_masks
@@ -83,19 +84,19 @@ def _warm_up(all_methods: dict[str, Callable[[Case], torch.Tensor]], case: Case)
         fn(small)
 
 
-def run(quick: bool, include_sofima: bool = True) -> None:
+def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", reference: bool = True) -> None:
     torch.set_num_threads(1)
     return_freed_memory_to_the_os()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"# bench_finetune{' --quick' if quick else ''}: 512 px pairs, one CPU thread per method; "
-          f"load average {load}")  # fmt: skip
+    print(f"# bench_finetune{' --quick' if quick else ''}: 512 px pairs, sources resampled {resample}, "
+          f"one CPU thread per method; load average {load}")  # fmt: skip
     if include_sofima and not sofima_available():
         print("# note: SOFIMA not importable (set SOFIMA_PATH to a dir holding the sofima package and "
               "install jax): skipped")  # fmt: skip
         include_sofima = False
     found = check_conventions(include_sofima=include_sofima)
     print(f"# conventions (translation +3, -2 px -> aligning field -3, +2): {found}")
-    cases = make_cases(quick)
+    cases = make_cases(quick, resample=resample)
     all_methods = methods(include_sofima)
     _warm_up(all_methods, cases[0])
 
@@ -153,6 +154,8 @@ def run(quick: bool, include_sofima: bool = True) -> None:
     print(f"\n## ours per level on {smooth.name}: {per_level}; total {result.seconds:.2f} s")
 
     # The plain reference, for the speed ratio.
+    if not reference:
+        return
     if quick:
         size, iters = 128, 200
         src, tgt = smooth.src[..., 192:320, 192:320], smooth.tgt[..., 192:320, 192:320]
@@ -185,8 +188,12 @@ def main(quick: bool | None = None) -> None:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--quick", action="store_true", help="bundled data, one pair per kind")
         parser.add_argument("--no-sofima", action="store_true", help="skip SOFIMA even if importable")
+        parser.add_argument("--resample", choices=RESAMPLING, default="bilinear",
+                            help="how the sources are resampled (benchmarks/cases.py)")  # fmt: skip
+        parser.add_argument("--no-reference", action="store_true", help="skip the plain reference (~10 min)")
         args = parser.parse_args()
-        run(args.quick, include_sofima=not args.no_sofima)
+        reference = not args.no_reference
+        run(args.quick, include_sofima=not args.no_sofima, resample=args.resample, reference=reference)
     else:
         run(quick)
 
