@@ -73,7 +73,7 @@ DEFAULT_MAX_HALVINGS: int = AdamSchedule.max_halvings
 #: Pyramid depth (mips 3..0 where the chunk size allows, see ``pyramid_mips``), turned into a
 #: schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`: per-pixel levels at mips 3
 #: and 2, then the loss at mip 0 with sampling jitter and the field as a control grid, at mip 4
-#: with the bending energy (no defects in the call) or at mip 2 with springs only (defects).
+#: with the bending energy (no defect masks given) or at mip 2 with springs only (defect masks).
 DEFAULT_LEVELS = 4
 
 
@@ -183,8 +183,8 @@ def finetune(
         src_defects: optional ``(N, 1, H, W)`` defect mask (folds, cracks; nonzero = defect) in
             the source frame; tgt_defects: the same in the target frame. Springs at defects are
             cut, so the field may tear there, and defect pixels don't count in the MSE. With
-            any defect in the call, the default schedule ends on a finer spring-only grid (see
-            ``levels``).
+            defect masks given (even all-zero ones), the default schedule ends on a finer
+            spring-only grid (see ``levels``).
         sm: rigidity weight (default :data:`DEFAULT_SM` = 3; the published 200 over-penalizes
             real strain with this loss, see ``DEFAULT_SM``): at every per-pixel level; the
             default schedule's bending grid level uses ``sm / 10``.
@@ -199,8 +199,8 @@ def finetune(
         levels: pyramid depth (an int: the schedule of
             :func:`~emcore.finetune.coarse_to_fine.default_levels` for the mips
             :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
-            per-pixel level at the input mip; ``tears`` = whether ``src_defects``/``tgt_defects``
-            hold any defect) or an explicit list of :class:`Level` (coarsest first, per-level
+            per-pixel level at the input mip; ``tears`` = whether ``src_defects`` or ``tgt_defects``
+            is given) or an explicit list of :class:`Level` (coarsest first, per-level
             ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
@@ -222,7 +222,9 @@ def finetune(
     )
     n, _, h, w = src.shape
     if isinstance(levels, int):
-        tears = any(d is not None and bool(d.any()) for d in (src_defects, tgt_defects))
+        # Defect masks given (even empty ones): the tear-capable schedule, decided by the call and not
+        # by the chunk's content, so a chunked run and a whole-section run use the same schedule.
+        tears = src_defects is not None or tgt_defects is not None
         schedule = default_levels(h, w, levels, sm=float(sm), tears=tears)
     else:
         schedule = list(levels)

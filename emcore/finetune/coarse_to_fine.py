@@ -21,8 +21,8 @@ Per level (all in px at that level's mip):
 
 The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
 at mips 3 and 2, then the loss at mip 0 with jitter 1 px and the field on a control grid: at mip 4
-(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`) when the chunk has no
-defects, at mip 2 with springs only when it has (so the field can tear at folds and cracks).
+(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`) when the call has no
+defect masks, at mip 2 with springs only when it has (so the field can tear at folds and cracks).
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -206,12 +206,12 @@ def default_levels(
     last level whose loss runs at mip 0 (every pixel, sampling jitter :data:`DEFAULT_JITTER`) while
     its field is a control grid:
 
-    * no defects (``tears=False``): the grid at :data:`DEFAULT_SMOOTH_FIELD_MIP` (16 px cells, or
+    * no defect masks (``tears=False``): the grid at :data:`DEFAULT_SMOOTH_FIELD_MIP` (16 px cells, or
       the coarsest mip that leaves >= 4 cells), with the bending energy
       (:data:`DEFAULT_BENDING`) as the smoothness term, springs at ``sm *``
       :data:`DEFAULT_GRID_SM_FACTOR` and a small first step (:data:`DEFAULT_GRID_LR`). Affine
       motion costs nothing, so neither noise nor true strain biases the field.
-    * defects (``tears=True``): the grid at :data:`DEFAULT_FIELD_MIP` (4 px cells) with the springs
+    * defect masks (``tears=True``): the grid at :data:`DEFAULT_FIELD_MIP` (4 px cells) with the springs
       at ``sm`` (cut at the defects) and no bending, so the field can tear within a few px.
 
     E.g. a 512 px chunk, 4 levels: mips 3 and 2 per pixel, then mip 0 with the field at mip 4
@@ -221,7 +221,9 @@ def default_levels(
         height, width: chunk size in px at the input mip.
         levels: pyramid depth (see :func:`pyramid_mips`).
         sm: the call's rigidity weight (the per-pixel levels use it as is).
-        tears: whether the chunk has defect masks with any defect in them.
+        tears: whether the call has defect masks (:func:`emcore.finetune.finetune` passes
+            "masks given", not "any defect in this chunk": a run's schedule must not depend on
+            how its sections are cut into chunks).
     """
     mips = pyramid_mips(height, width, levels)
     if len(mips) == 1:
