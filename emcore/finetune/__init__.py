@@ -73,7 +73,7 @@ DEFAULT_MAX_HALVINGS: int = AdamSchedule.max_halvings
 #: Pyramid depth (mips 3..0 where the chunk size allows, see ``pyramid_mips``), turned into a
 #: schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`: per-pixel levels at mips 3
 #: and 2, then the loss at mip 0 with sampling jitter and the field as a control grid, at mip 4
-#: with the bending energy (no defect masks given) or at mip 2 with springs only (defect masks).
+#: with the bending energy, and a detail field at mip 2 near defects.
 DEFAULT_LEVELS = 4
 
 
@@ -182,9 +182,8 @@ def finetune(
             coarse alignment's residual); default identity (zeros).
         src_defects: optional ``(N, 1, H, W)`` defect mask (folds, cracks; nonzero = defect) in
             the source frame; tgt_defects: the same in the target frame. Springs at defects are
-            cut, so the field may tear there, and defect pixels don't count in the MSE. With
-            defect masks given (even all-zero ones), the default schedule ends on a finer
-            spring-only grid (see ``levels``).
+            cut, so the field may tear there, and defect pixels don't count in the MSE; the
+            default schedule's last level adds a finer detail field near defects.
         sm: rigidity weight (default :data:`DEFAULT_SM` = 3; the published 200 over-penalizes
             real strain with this loss, see ``DEFAULT_SM``): at every per-pixel level; the
             default schedule's bending grid level uses ``sm / 10``.
@@ -199,9 +198,9 @@ def finetune(
         levels: pyramid depth (an int: the schedule of
             :func:`~emcore.finetune.coarse_to_fine.default_levels` for the mips
             :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
-            per-pixel level at the input mip; ``tears`` = whether ``src_defects`` or ``tgt_defects``
-            is given) or an explicit list of :class:`Level` (coarsest first, per-level
-            ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``).
+            per-pixel level at the input mip) or an explicit list of :class:`Level` (coarsest first, per-level
+            ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``/
+            ``detail_mip``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
         check_every: iterations between host checks for "all items stopped" (default 1 on CPU,
@@ -222,10 +221,7 @@ def finetune(
     )
     n, _, h, w = src.shape
     if isinstance(levels, int):
-        # Defect masks given (even empty ones): the tear-capable schedule, decided by the call and not
-        # by the chunk's content, so a chunked run and a whole-section run use the same schedule.
-        tears = src_defects is not None or tgt_defects is not None
-        schedule = default_levels(h, w, levels, sm=float(sm), tears=tears)
+        schedule = default_levels(h, w, levels, sm=float(sm))
     else:
         schedule = list(levels)
         if not all(isinstance(lv, Level) for lv in schedule):

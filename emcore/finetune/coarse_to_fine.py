@@ -20,9 +20,9 @@ Per level (all in px at that level's mip):
    (:func:`jittered_target`).
 
 The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
-at mips 3 and 2, then the loss at mip 0 with jitter 1 px and the field on a control grid: at mip 4
-(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`) when the call has no
-defect masks, at mip 2 with springs only when it has (so the field can tear at folds and cracks).
+at mips 3 and 2, then the loss at mip 0 with jitter 1 px and the field on a control grid at mip 4
+(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`), plus a detail field
+at mip 2 near defects so the field can tear at folds and cracks.
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from emcore.field import resample_field, warp
 from emcore.finetune.losses import prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
+from emcore.finetune.parameters import defect_neighbourhood
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_GRID_SM_FACTOR",
     "DEFAULT_JITTER",
     "DEFAULT_SMOOTH_FIELD_MIP",
+    "DETAIL_RADIUS",
     "Level",
     "coarse_to_fine",
     "default_levels",
@@ -87,6 +89,11 @@ class Level:
             field; :func:`emcore.finetune.bending.bending_energy` in px at ``mip``), 0 = off. It
             smooths without penalizing affine motion; a stiff term for Adam, so pair it with a small
             ``lr`` (see :data:`DEFAULT_GRID_LR`).
+        detail_mip: with a control grid, the mip of a local detail field that is active within
+            :data:`DETAIL_RADIUS` grid cells of a defect (target defects and the source defects pulled
+            through the level's starting field), so the field can tear there
+            (:mod:`emcore.finetune.parameters`); ``None`` or no defect masks in the call: off.
+            ``mip <= detail_mip < field_mip``.
     """
 
     mip: int
@@ -98,6 +105,7 @@ class Level:
     field_mip: int | None = None
     jitter: float = 0.0
     bending: float = 0.0
+    detail_mip: int | None = None
 
     def __post_init__(self) -> None:
         grid = self.field_mip
@@ -107,6 +115,12 @@ class Level:
             raise ValueError(f"Level.jitter must be in [0, 1] px, got {self.jitter!r}")
         if not (isinstance(self.bending, int | float) and math.isfinite(self.bending) and self.bending >= 0):
             raise ValueError(f"Level.bending must be a finite number >= 0, got {self.bending!r}")
+        detail = self.detail_mip
+        if detail is not None and not (isinstance(detail, int) and self.mip <= detail < self.parameter_mip):
+            raise ValueError(
+                f"Level.detail_mip must be an int in [mip, field_mip) = [{self.mip}, {self.parameter_mip}), "
+                f"got {detail!r}"
+            )
 
     @property
     def parameter_mip(self) -> int:
@@ -169,21 +183,26 @@ def _check_levels(levels: Sequence[Level], height: int, width: int) -> None:
         )
 
 
-#: Mip of the per-pixel levels' finest level and, with defects, of the last level's control grid
-#: in :func:`default_levels` (4x4 px cells at the input mip: fine enough for a tear).
+#: Mip of the per-pixel levels' finest level and of the last level's detail field near defects in
+#: :func:`default_levels` (4x4 px cells at the input mip: fine enough for a tear).
 DEFAULT_FIELD_MIP = 2
-#: Mip of the last level's control grid in :func:`default_levels` when the chunk has no defects
-#: (16x16 px cells at the input mip, smoothed by the bending energy).
+#: Mip of the last level's control grid in :func:`default_levels` (16x16 px cells at the input
+#: mip, smoothed by the bending energy).
 DEFAULT_SMOOTH_FIELD_MIP = 4
 #: Sampling jitter of the last level in :func:`default_levels`, px at the input mip.
 DEFAULT_JITTER = 1.0
-#: Weight of the bending energy (:mod:`emcore.finetune.bending`, mip-0 units) on the last level
-#: of a chunk without defects.
+#: Weight of the bending energy (:mod:`emcore.finetune.bending`, mip-0 units) on the last level's
+#: grid.
 DEFAULT_BENDING = 5e3
 #: Spring weight of that level relative to the call's ``sm``: with the bending energy doing the
 #: smoothing, the springs only keep the grid from folding over, and a low weight does not pull
 #: a strained section towards a rigid one.
 DEFAULT_GRID_SM_FACTOR = 0.1
+#: Reach of the detail field around a defect, in grid cells (2 cells of 16 px = 32 px: every grid
+#: cell whose bilinear support touches the defect, and one more; measured on the fold test of
+#: tests/test_finetune.py: 1 grid cell left 0.70 px p95 error beside the fold, 1.5 cells 0.48 px,
+#: 2 cells 0.25 px, 3 cells 0.07 px at 1.4x the iterations).
+DETAIL_RADIUS = 2
 #: Initial Adam step of that level, px at its grid mip (0.032 px at mip 0 for a mip-4 grid):
 #: Adam's steps of ~lr per value oscillate against the stiff bending term when larger.
 DEFAULT_GRID_LR = 2e-3
@@ -197,48 +216,40 @@ def _smooth_grid_mip(height: int, width: int) -> int:
     return k
 
 
-def default_levels(
-    height: int, width: int, levels: int, *, sm: float = 3.0, tears: bool = False
-) -> list[Level]:
+def default_levels(height: int, width: int, levels: int, *, sm: float = 3.0) -> list[Level]:
     """The default schedule for ``levels`` pyramid levels (measured, benchmarks/README.md).
 
     Per-pixel levels at the mips of :func:`pyramid_mips` down to :data:`DEFAULT_FIELD_MIP`, then a
     last level whose loss runs at mip 0 (every pixel, sampling jitter :data:`DEFAULT_JITTER`) while
-    its field is a control grid:
-
-    * no defect masks (``tears=False``): the grid at :data:`DEFAULT_SMOOTH_FIELD_MIP` (16 px cells, or
-      the coarsest mip that leaves >= 4 cells), with the bending energy
-      (:data:`DEFAULT_BENDING`) as the smoothness term, springs at ``sm *``
-      :data:`DEFAULT_GRID_SM_FACTOR` and a small first step (:data:`DEFAULT_GRID_LR`). Affine
-      motion costs nothing, so neither noise nor true strain biases the field.
-    * defect masks (``tears=True``): the grid at :data:`DEFAULT_FIELD_MIP` (4 px cells) with the springs
-      at ``sm`` (cut at the defects) and no bending, so the field can tear within a few px.
+    its field is a control grid at :data:`DEFAULT_SMOOTH_FIELD_MIP` (16 px cells, or the coarsest
+    mip that leaves >= 4 cells) with the bending energy (:data:`DEFAULT_BENDING`) as the smoothness
+    term, springs at ``sm *`` :data:`DEFAULT_GRID_SM_FACTOR` and a small first step
+    (:data:`DEFAULT_GRID_LR`): affine motion costs nothing, so neither noise nor true strain
+    biases the field. Near defects (when the call has defect masks) a detail field at
+    :data:`DEFAULT_FIELD_MIP` (4 px cells) lets the field tear (``Level.detail_mip``).
 
     E.g. a 512 px chunk, 4 levels: mips 3 and 2 per pixel, then mip 0 with the field at mip 4
-    (mip 2 with defects). ``levels=1``: one per-pixel level at mip 0 with jitter.
+    (and detail at mip 2 near defects). ``levels=1``: one per-pixel level at mip 0 with jitter.
 
     Args:
         height, width: chunk size in px at the input mip.
         levels: pyramid depth (see :func:`pyramid_mips`).
         sm: the call's rigidity weight (the per-pixel levels use it as is).
-        tears: whether the call has defect masks (:func:`emcore.finetune.finetune` passes
-            "masks given", not "any defect in this chunk": a run's schedule must not depend on
-            how its sections are cut into chunks).
     """
     mips = pyramid_mips(height, width, levels)
     if len(mips) == 1:
         return [Level(0, jitter=DEFAULT_JITTER)]
     fine = min(DEFAULT_FIELD_MIP, mips[0])
     coarse = [Level(m) for m in mips if m >= fine]
-    if tears:
-        return [*coarse, Level(0, field_mip=fine, jitter=DEFAULT_JITTER)]
+    grid = max(fine, _smooth_grid_mip(height, width))
     last = Level(
         0,
-        field_mip=max(fine, _smooth_grid_mip(height, width)),
+        field_mip=grid,
         jitter=DEFAULT_JITTER,
         lr=DEFAULT_GRID_LR,
         sm=sm * DEFAULT_GRID_SM_FACTOR,
         bending=DEFAULT_BENDING,
+        detail_mip=fine if fine < grid else None,
     )
     return [*coarse, last]
 
@@ -315,6 +326,11 @@ def coarse_to_fine(
         if level.jitter > 0:
             offsets, t = jittered_target(t, level.jitter)
         masks = prepare_masks(s, t, src_defects=sd, tgt_defects=td)
+        detail_mask = detail_mip = None
+        if level.detail_mip is not None and (sd is not None or td is not None):
+            detail_mip = level.detail_mip - level.mip
+            radius = DETAIL_RADIUS * 2 ** (level.parameter_mip - level.detail_mip)
+            detail_mask = defect_neighbourhood(sd, td, field, detail_mip, radius)
         outcome = adam_finetune(
             s,
             t,
@@ -328,6 +344,8 @@ def coarse_to_fine(
             field_mip=level.parameter_mip - level.mip,
             sample_offsets=offsets,
             bending=level.bending,
+            detail_mask=detail_mask,
+            detail_mip=detail_mip,
         )
         outcomes.append(outcome)
         field = outcome.field

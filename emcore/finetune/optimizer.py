@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from emcore.field import resample_field
 from emcore.finetune.bending import bending_energy
 from emcore.finetune.losses import LossMasks, alignment_loss, resolve_backend
+from emcore.finetune.parameters import FieldParameters
 
 __all__ = ["AdamSchedule", "LevelOutcome", "adam_finetune"]
 
@@ -129,6 +129,8 @@ def adam_finetune(
     field_mip: int = 0,
     sample_offsets: torch.Tensor | None = None,
     bending: float = 0.0,
+    detail_mask: torch.Tensor | None = None,
+    detail_mip: int | None = None,
 ) -> LevelOutcome:
     """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
 
@@ -154,7 +156,11 @@ def adam_finetune(
             the source (see :func:`emcore.finetune.losses.alignment_loss`).
         bending: weight of the optimized field's bending energy
             (:func:`emcore.finetune.bending.bending_energy`, in px at the images' mip), added to
-            each item's loss; 0 = off.
+            each item's loss; 0 = off. With a control grid it applies to the grid.
+        detail_mask, detail_mip: optional local detail field next to the control grid
+            (:class:`emcore.finetune.parameters.FieldParameters`): ``(N, 1, H / 2**detail_mip, W /
+            2**detail_mip)`` 0/1, 1 where the field may vary faster than the grid (near defects),
+            ``detail_mip < field_mip``. Adam runs on grid and detail together.
 
     Returns:
         :class:`LevelOutcome`.
@@ -169,8 +175,10 @@ def adam_finetune(
 
     # The state: every tensor below is updated in place, so one iteration is a fixed sequence of
     # device operations on fixed memory (what a CUDA graph replays).
-    # ``current`` is the optimized parameter: the field itself, or its control grid at field_mip.
-    current = resample_field(field.detach(), 0, field_mip).clone()
+    # ``current`` is the optimized parameter, packed ``(N, P)``: the field itself, or its control
+    # grid at field_mip (and the detail near defects).
+    parameters = FieldParameters(tuple(field.shape), field_mip, detail_mask, detail_mip)
+    current = parameters.pack(field.detach())
     best_field = current.clone()
     best_loss = torch.full((n,), math.inf, dtype=dtype, device=dev)
     plateau_ref = torch.full((n,), math.inf, dtype=dtype, device=dev)
@@ -189,11 +197,9 @@ def adam_finetune(
     step_index = torch.zeros((), dtype=torch.int64, device=dev)
 
     def per_pixel(t: torch.Tensor) -> torch.Tensor:
-        return t.view(n, 1, 1, 1)
+        return t.view(n, 1)
 
-    def expand(param: torch.Tensor) -> torch.Tensor:
-        """The field at the images' resolution from the parameter."""
-        return resample_field(param, field_mip, 0)
+    expand = parameters.expand  # the field at the images' resolution from the parameter
 
     def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradient at ``current``; the per-item schedule update. Returns ``(grad, loss)``."""
@@ -210,7 +216,7 @@ def adam_finetune(
             sample_offsets=sample_offsets,
         )
         if bending:
-            loss = loss + bending * bending_energy(f, mip=field_mip)
+            loss = loss + bending * bending_energy(parameters.grid(f), mip=field_mip)
         (grad,) = torch.autograd.grad(loss.sum(), f)
         loss = loss.detach()
         iterations.add_(active.to(torch.int64))
