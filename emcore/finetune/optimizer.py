@@ -196,7 +196,7 @@ def adam_finetune(
     bias2 = (1.0 - beta2**steps).to(dtype=dtype, device=dev)
     step_index = torch.zeros((), dtype=torch.int64, device=dev)
 
-    def per_pixel(t: torch.Tensor) -> torch.Tensor:
+    def per_item(t: torch.Tensor) -> torch.Tensor:
         return t.view(n, 1)
 
     expand = parameters.expand  # the field at the images' resolution from the parameter
@@ -224,7 +224,7 @@ def adam_finetune(
         # weight of exactly 0 or 1 returns one of its ends bit for bit.
         better = active & (loss < best_loss)
         best_loss.copy_(torch.where(better, loss, best_loss))
-        best_field.lerp_(current, per_pixel(better.to(dtype)))
+        best_field.lerp_(current, per_item(better.to(dtype)))
         # Plateau schedule.
         improved = loss < plateau_ref * (1.0 - s.rel_tol)
         plateau_ref.copy_(torch.where(active & improved, loss, plateau_ref))
@@ -239,13 +239,13 @@ def adam_finetune(
     def adam_step(grad: torch.Tensor) -> None:
         """One Adam step for the items still running (all have taken the same number of steps);
         stopped items get weight 0 everywhere, so their state and field stay bit for bit."""
-        step = per_pixel(active.to(dtype))
+        step = per_item(active.to(dtype))
         index = step_index.view(1)  # index_select, not [t]: indexing by a tensor syncs the host
         b1, b2 = bias1.index_select(0, index), bias2.index_select(0, index)
         m.lerp_(grad, step * (1.0 - beta1))
         v.lerp_(grad.square_(), step * (1.0 - beta2))
         denom = v.div(b2).sqrt_().add_(s.eps)
-        current.sub_(m.div(denom).mul_(per_pixel(lr * active.to(dtype) / b1)))
+        current.sub_(m.div(denom).mul_(per_item(lr * active.to(dtype) / b1)))
         step_index.add_(1)
 
     def iteration() -> None:
