@@ -71,10 +71,12 @@ class AlignParams(BaseModel):
         "(32-80 nm/px for the shipped ones)",
     )
     encoder: str = Field("none", description='"none", "auto" (by resolution) or a model name/path')
-    # 200 (the published default), not emcore.finetune.DEFAULT_SM (5): between real neighbouring
-    # sections a stiff field invents less deformation. Measured on the demo stack: residual vs truth
-    # 2.64 px at sm 200 vs 3.27 px at sm 5 (mip 2); medulla neighbour pairs 0.68 vs 1.54 px
-    # (benchmarks/README.md). sm 5 wins only on same-section known-deformation cases.
+    # 200 (the published default), not emcore.finetune.DEFAULT_SM (3): between real neighbouring
+    # sections a stiff field invents less deformation. Measured on the demo stack (residual vs truth,
+    # mip 2, 2026-11-26 schedule): 2.45 px at sm 200, 2.91 at sm 30, 3.16 at sm 3 (neighbour
+    # correlation 0.502 / 0.514 / 0.520: a softer field matches the next section's content better
+    # and the truth worse); medulla neighbour pairs 0.68 vs 1.54 px at sm 200 vs 5 (first session,
+    # benchmarks/README.md). The low sm wins only on same-section known-deformation cases.
     sm: float = Field(200.0, ge=0, allow_inf_nan=False, description="finetuner rigidity weight (>= 0)")
     num_iter: int = Field(300, gt=0, description="finetuner iterations per pyramid level (> 0)")
     smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
