@@ -200,8 +200,9 @@ DEFAULT_BENDING = 5e3
 DEFAULT_GRID_SM_FACTOR = 0.1
 #: Reach of the detail field around a defect, in grid cells (2 cells of 16 px = 32 px: every grid
 #: cell whose bilinear support touches the defect, and one more; measured on the fold test of
-#: tests/test_finetune.py: 1 grid cell left 0.70 px p95 error beside the fold, 1.5 cells 0.48 px,
-#: 2 cells 0.25 px, 3 cells 0.07 px at 1.4x the iterations).
+#: tests/test_finetune.py with the detail stepping in its own px: 1 grid cell left 0.70 px p95
+#: error beside the fold, 1.5 cells 0.48 px, 2 cells 0.25 px, 3 cells 0.07 px at 1.4x the
+#: iterations; stepping in grid px as now, 2 cells: 0.16 px; benchmarks/README.md).
 DETAIL_RADIUS = 2
 #: Initial Adam step of that level, px at its grid mip (0.032 px at mip 0 for a mip-4 grid):
 #: Adam's steps of ~lr per value oscillate against the stiff bending term when larger.

@@ -9,8 +9,10 @@ module maps it to the displacement field the loss sees (``(N, 2, H, W)`` px at t
 * ``grid`` - ``(N, 2, H / 2**grid_mip, W / 2**grid_mip)`` px at ``grid_mip`` (relative to the
   level's images; 0 = one vector per pixel), upsampled bilinearly by
   :func:`emcore.field.resample_field` (values x ``2**grid_mip``).
-* ``detail`` (optional) - ``(N, 2, H / 2**detail_mip, W / 2**detail_mip)`` px at ``detail_mip``
-  (finer than the grid), multiplied by a fixed 0/1 ``mask`` at that mip: 1 near defects. A coarse
+* ``detail`` (optional) - ``(N, 2, H / 2**detail_mip, W / 2**detail_mip)`` (finer than the grid),
+  stored in px at ``grid_mip`` (so one Adam step moves grid and detail by the same distance at the
+  images' mip) and used in px at ``detail_mip``, multiplied by a fixed 0/1 ``mask`` at that mip: 1
+  near defects. A coarse
   grid is smooth and cannot tear within a few px; the detail lets the field tear at folds and
   cracks while the grid keeps everything else smooth. Where ``mask`` is 0 the detail gets no
   gradient, so with an empty mask the level is exactly the grid alone.
@@ -56,6 +58,8 @@ class FieldParameters:
             if detail_mip is None or not 0 <= detail_mip < grid_mip:
                 raise ValueError(f"detail_mip must be an int in [0, grid_mip={grid_mip}), got {detail_mip!r}")
             self.detail_shape = (n, 2, h >> detail_mip, w >> detail_mip)
+            # Stored in px at the grid's mip, so that one Adam step moves grid and detail alike.
+            self.detail_scale = float(2 ** (grid_mip - detail_mip))
             if tuple(detail_mask.shape) != (n, 1, *self.detail_shape[2:]):
                 raise ValueError(
                     f"detail_mask must be {(n, 1, *self.detail_shape[2:])}, got {tuple(detail_mask.shape)}"
@@ -78,7 +82,8 @@ class FieldParameters:
         field = resample_field(grid, self.grid_mip, 0)
         if detail is not None:
             assert self.detail_mip is not None and self.detail_mask is not None
-            field = field + resample_field(detail * self.detail_mask, self.detail_mip, 0)
+            scaled = detail * (self.detail_scale * self.detail_mask)
+            field = field + resample_field(scaled, self.detail_mip, 0)
         return field
 
     def pack(self, field: torch.Tensor) -> torch.Tensor:
@@ -90,7 +95,8 @@ class FieldParameters:
         if self.detail_shape is not None:
             assert self.detail_mip is not None and self.detail_mask is not None
             smooth = resample_field(grid, self.grid_mip, self.detail_mip)
-            detail = (resample_field(field, 0, self.detail_mip) - smooth) * self.detail_mask
+            missed = resample_field(field, 0, self.detail_mip) - smooth
+            detail = missed * self.detail_mask / self.detail_scale
             parts.append(detail.flatten(1))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
 
