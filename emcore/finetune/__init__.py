@@ -56,7 +56,7 @@ __all__ = [
 # peers"), on real EM with known deformations, not per case.
 
 #: Rigidity weight of the per-pixel levels (the default schedule's last level uses a tenth of it
-#: next to the bending energy; with defects, all of it). The published 200 penalizes real strain
+#: next to the bending energy, with or without defects). The published 200 penalizes real strain
 #: (1-5 %) so much with this loss that the true field costs more than no field at all (measured).
 #: With a spring-only control-grid last level, 3 balanced the smooth (lower sm fits noise) and
 #: large (higher sm biases strained fields) cases: sm 2 / 3 / 5 gave smooth 0.063 / 0.057 / 0.054

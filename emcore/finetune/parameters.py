@@ -50,7 +50,7 @@ class FieldParameters:
         detail_mip: int | None = None,
     ) -> None:
         n, _, h, w = shape
-        self.n, self.grid_mip, self.detail_mip = n, grid_mip, detail_mip
+        self.grid_mip, self.detail_mip = grid_mip, detail_mip
         self.grid_shape = (n, 2, h >> grid_mip, w >> grid_mip)
         self.detail_mask = detail_mask
         self.detail_shape: tuple[int, int, int, int] | None = None
@@ -73,7 +73,7 @@ class FieldParameters:
         return grid, packed[:, size:].reshape(self.detail_shape)
 
     def grid(self, packed: torch.Tensor) -> torch.Tensor:
-        """The grid part ``(N, 2, h, w)`` of a packed tensor (a view)."""
+        """The grid part ``(N, 2, h, w)`` of a packed tensor (a view without detail, else a copy)."""
         return self._split(packed)[0]
 
     def expand(self, packed: torch.Tensor) -> torch.Tensor:
