@@ -39,7 +39,7 @@ import torch
 from emcore.errors import GeometryError
 from emcore.geometry import VoxelBox
 
-__all__ = ["blend_pieces", "blend_weights", "crop", "cut", "piece_box", "ramp"]
+__all__ = ["blend_margin", "blend_pieces", "blend_weights", "crop", "cut", "piece_box", "ramp"]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -54,6 +54,19 @@ def ramp(n: int) -> np.ndarray:
         raise ValueError(f"ramp length must be >= 0, got {n}")
     t = (np.arange(n, dtype=np.float64) + 0.5) / max(n, 1)
     return 0.5 - 0.5 * np.cos(math.pi * t)
+
+
+def blend_margin(pad: int, cores: Sequence[VoxelBox]) -> int:
+    """The blend margin (px) for cores tiling a region, each computed with ``pad`` px of context.
+
+    ``min(pad // 2, full // 2)`` with ``full`` the largest core side: only the last core along an
+    axis can be partial (the region's remainder), and it has a neighbour on one side only, so it
+    never limits the margin (a 4 px remainder must not shrink every seam's blend to 2 px).
+    """
+    if not cores:
+        raise ValueError("blend_margin needs at least one core")
+    full = max(min(c.shape[0], c.shape[1]) for c in cores)
+    return min(pad // 2, full // 2)
 
 
 def _xy(box: VoxelBox) -> tuple[int, int, int, int]:

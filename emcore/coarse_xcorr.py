@@ -49,6 +49,12 @@ from dataclasses import dataclass
 
 import torch
 
+from emcore.affine import (
+    affine_displacement_field,
+    compose_matrices,
+    invert_matrix,
+)
+from emcore.affine import rotation_matrix as _rotation_matrix
 from emcore.errors import BlankSectionError, SectionflowError
 from emcore.field import warp, warp_mask
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
@@ -413,19 +419,6 @@ def estimate_translation(
 # ----------------------------------------------------------------------------------------------
 
 
-def affine_displacement_field(matrix: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(1, 2, height, width)`` float32 field ``f(x, y) = matrix @ (x, y, 1)`` (pixel centres)."""
-    matrix = torch.as_tensor(matrix, dtype=torch.float64)
-    if matrix.shape != (2, 3):
-        raise ValueError(f"matrix must have shape (2, 3), got {tuple(matrix.shape)}")
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij"
-    )
-    fx = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
-    fy = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
-    return torch.stack((fx, fy))[None].to(torch.float32)
-
-
 def _fit(points: torch.Tensor, disp: torch.Tensor, weights: torch.Tensor, model: str) -> torch.Tensor:
     """Weighted least-squares displacement matrix ``(2, 3)`` for ``disp ~= M @ (p, 1)``."""
     w = weights / weights.sum()
@@ -487,44 +480,6 @@ def _robust_fit(
         inliers = new
         m = _fit(points[inliers], disp[inliers], weights[inliers], model)
     return m, inliers
-
-
-def _rotation_matrix(angle_deg: float, height: int, width: int) -> torch.Tensor:
-    """Displacement matrix of a rotation by ``angle_deg`` about the image centre (see synthetic)."""
-    theta = math.radians(angle_deg)
-    c, s = math.cos(theta), math.sin(theta)
-    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-    lin = torch.tensor([[c - 1.0, -s], [s, c - 1.0]], dtype=torch.float64)
-    offset = -(lin @ torch.tensor([cx, cy], dtype=torch.float64))
-    return torch.cat((lin, offset[:, None]), dim=1)
-
-
-def compose_matrices(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Displacement matrix of ``emcore.field.compose(f, g)`` for affine ``f``, ``g`` (``(2, 3)`` each).
-
-    ``compose(f, g)(p) = f(p) + g(p + f(p))``: warping by ``g`` then by ``f``.
-    """
-    f, g = torch.as_tensor(f, dtype=torch.float64), torch.as_tensor(g, dtype=torch.float64)
-    eye = torch.eye(2, dtype=torch.float64)
-    lin = f[:, :2] + g[:, :2] @ (eye + f[:, :2])
-    off = f[:, 2] + g[:, :2] @ f[:, 2] + g[:, 2]
-    return torch.cat((lin, off[:, None]), dim=1)
-
-
-def invert_matrix(matrix: torch.Tensor) -> torch.Tensor:
-    """The displacement matrix ``h`` with ``compose(h, matrix) == 0`` (and ``compose(matrix, h) == 0``).
-
-    With position maps ``T(p) = p + M @ (p, 1)``, ``T_h`` is the inverse map of ``T_matrix``.
-    """
-    m = torch.as_tensor(matrix, dtype=torch.float64)
-    if m.shape != (2, 3):
-        raise ValueError(f"matrix must have shape (2, 3), got {tuple(m.shape)}")
-    eye = torch.eye(2, dtype=torch.float64)
-    a = eye + m[:, :2]
-    if abs(float(torch.linalg.det(a))) < 1e-9:
-        raise ValueError("matrix is not invertible (its position map collapses the plane)")
-    a_inv = torch.linalg.inv(a)
-    return torch.cat((a_inv - eye, -(a_inv @ m[:, 2])[:, None]), dim=1)
 
 
 def _rotated(
@@ -710,7 +665,6 @@ def coarse_align(
     trans, matrix = _global_estimate(
         src, tgt, src_mask, tgt_mask, max_shift, trial_angles, min_peak=min_peak, min_margin=min_margin
     )
-    global_matrix = matrix
     global_quality = max(0.0, min(1.0, trans.peak))
     if not trans.reliable:
         return CoarseAlignment(
@@ -776,8 +730,21 @@ def coarse_align(
         inlier_weight = float(weights[inliers].sum()) / max(all_weight, 1e-9)
     reliable = not reason
     if not reliable:
-        # Keep the global estimate: safer than a partial model fit.
-        matrix = global_matrix
+        # The patches do not support the model: fall back to the smallest transform the evidence
+        # supports, a translation measured without rotation (the best trial angle is a grid value,
+        # e.g. exactly -2 deg, not a measurement). It is reliable only if that correlation is.
+        zero = estimate_translation(
+            src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, max_shift=max_shift,
+            min_peak=min_peak, min_margin=min_margin,
+        )  # fmt: skip
+        matrix = torch.tensor([[0.0, 0.0, zero.dx], [0.0, 0.0, zero.dy]], dtype=torch.float64)
+        if zero.reliable:
+            reason = f"translation only ({reason})"
+            return CoarseAlignment(
+                affine_displacement_field(matrix, h, w), matrix, zero, max(0.0, min(1.0, zero.peak)) * 0.5,
+                True, reason, num_patches, num_inliers, residual,
+            )  # fmt: skip
+        reason = f"{reason}; translation without rotation: {zero.reason}"
     confidence = global_quality * min(1.0, inlier_weight) if reliable else 0.0
     return CoarseAlignment(
         field=affine_displacement_field(matrix, h, w),

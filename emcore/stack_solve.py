@@ -14,12 +14,17 @@ The solve minimizes::
     E(G) = sum_{z,k} sum_p w[z,k](p) rho(|G[z](p) - compose(G[z-k], P[z,k])(p)|)
            + smoothness * sum_z sum_p |grad G[z](p)|^2
 
+           + anchor * sum_z sum_p |G[z](p)|^2
+
 with ``rho`` the squared distance (least squares) in the first third of the sweeps and then a
 Cauchy robust loss with scale ``robust_px`` (iteratively reweighted: a pixel's weight is
 ``c^2 / (c^2 + r^2)``), so one wrong pairwise field (a defect, a bad estimate) is voted down by the
 other pairs instead of shifting every section above it. The membrane smoothness term (4-neighbour
 Laplacian, replicate border) is a simple, documented stand-in for rigidity; ``0`` disables it.
-It is zero for any affine field away from the image border.
+It is zero for any affine field away from the image border. The ``anchor`` term (default 0) pulls
+every free section towards the zero field: the prior that stops drift when the fields are residuals
+after a global affine solve (:mod:`emcore.affine_solve`): content differences between neighbours
+then move a section by about ``1 / sqrt(anchor)`` sections' worth of pairs, not by all pairs below it.
 
 Relaxation: symmetric Gauss-Seidel sweeps over the stack (up, then down). Each section takes the
 weighted average of the predictions of its neighbours: from below ``compose(G[z-k], P[z,k])``
@@ -272,6 +277,7 @@ def solve_stack(
     blank: Iterable[int] = (),
     fixed: int | None = None,
     smoothness: float = 0.0,
+    anchor: float = 0.0,
     robust_px: float | None = 2.0,
     max_sweeps: int = 60,
     tol: float = 1e-3,
@@ -289,6 +295,8 @@ def solve_stack(
         fixed: the section whose field is 0 (default the first non-blank section).
         smoothness: weight of the membrane smoothness term (per pixel, relative to a pair weight
             of 1). 0 disables it.
+        anchor: weight (per pixel, relative to a pair weight of 1) pulling every free section
+            towards the zero field; 0 disables it.
         robust_px: Cauchy scale ``c`` (px) of the robust loss; ``None`` = plain least squares.
         max_sweeps: Gauss-Seidel sweeps at most (each sweep goes up then down the stack).
         tol: stop when no field changes by more than this (px) in a sweep (checked once the
@@ -303,6 +311,8 @@ def solve_stack(
     """
     if smoothness < 0:
         raise ValueError(f"smoothness must be >= 0, got {smoothness}")
+    if anchor < 0:
+        raise ValueError(f"anchor must be >= 0, got {anchor}")
     if robust_px is not None and not robust_px > 0:
         raise ValueError(f"robust_px must be > 0 or None, got {robust_px}")
     active, blank_set, ignored, size = _prepare(pairs, num_sections, weights, blank)
@@ -310,6 +320,8 @@ def solve_stack(
     _check_connected(num_sections, blank_set, active, fixed)
     inverses = _inverses(active)
     g = _sequential(num_sections, blank_set, active, fixed, inverses, size)
+    if anchor > 0:  # residual fields: start from the prior's zero field, not from the chained pairs
+        g = [None if f is None else torch.zeros_like(f) for f in g]
 
     below: dict[int, list[_Pair]] = {z: [] for z in range(num_sections)}
     above: dict[int, list[_Pair]] = {z: [] for z in range(num_sections)}
@@ -345,6 +357,8 @@ def solve_stack(
             if smoothness > 0:
                 num = num + (4 * smoothness) * _neighbour_mean(current)
                 den = den + 4 * smoothness
+            if anchor > 0:
+                den = den + anchor
             new = torch.where(den > 0, num / den.clamp_min(1e-12), current)
             largest = max(largest, float((new - current).abs().max()))
             g[z] = new

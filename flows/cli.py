@@ -147,6 +147,31 @@ def _run_align_stack(params: Any, dask_address: str | None) -> dict[str, dict[st
         return align_stack(params, dask_address=dask_address)
 
 
+def _print_plan(params: Any) -> None:
+    from flows.plan import plan_lines
+
+    lines, warnings = plan_lines(params)
+    console.print("[bold]plan[/]")
+    for line in lines:
+        console.print(f"  {line}")
+    for warning in warnings:
+        console.print(f"  [yellow]warning:[/] {warning}")
+
+
+@app.command("plan")
+def plan_command(
+    config: ConfigOpt = None,
+    source: SourceOpt = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print what align-stack would do (mips in nm/px, px per section, chunks, pairs) and warnings."""
+    try:
+        _print_plan(_params(config, source, output, set_))
+    except (ValidationError, SectionflowError) as exc:
+        _fail(exc)
+
+
 @app.command("align-stack")
 def align_stack_command(
     config: ConfigOpt = None,
@@ -158,6 +183,7 @@ def align_stack_command(
     """Align a stack end to end: every stage, then the report in <output>/report/."""
     try:
         params = _params(config, source, output, set_)
+        _print_plan(params)
         summaries = _run_align_stack(params, dask_address)
     except (ValidationError, SectionflowError) as exc:
         _fail(exc)

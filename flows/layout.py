@@ -7,8 +7,10 @@ Under the output path ``<out>`` (a local directory or a cloud path):
                                  filled from the normalize mip upwards
 ``<out>/encodings/<mip>``        float32 image: encoder output at ``<mip>`` (absent with
                                  ``encoder="none"``: stages then read ``<out>/normalized``)
-``<out>/fields/pairwise/z-<k>``  field: ``P[z, k]`` aligning section ``z`` onto ``z - k``, at the
-                                 coarse mip (coarse stage) and at the finetune mip (finetune stage)
+``<out>/fields/pairwise/z-<k>``  field: ``P[z, k]`` aligning section ``z`` onto ``z - k`` at the
+                                 coarse mip (coarse stage); at the finetune mip the residual
+                                 ``Q[z, k]`` between the affinely aligned sections (finetune stage)
+``<out>/fields/affine.json``     the section affines ``G_affine[z]`` (global affine solve)
 ``<out>/fields/final``           field: ``G[z]`` aligning section ``z`` into the stack frame (first
                                  non-blank section fixed), at the finetune mip
 ``<out>/aligned``                the source image rendered through ``G``, every mip
@@ -47,6 +49,11 @@ class Layout:
 
     def pairwise(self, k: int) -> str:
         return self._join("fields", "pairwise", f"z-{k}")
+
+    @property
+    def fields_root(self) -> str:
+        """``<out>/fields``: holds ``affine.json`` (the section affines, :mod:`tasks.affine`)."""
+        return self._join("fields")
 
     @property
     def final_fields(self) -> str:

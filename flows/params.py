@@ -21,15 +21,21 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from emcore.affine_solve import DEFAULT_DRIFT_SECTIONS_LINEAR, DEFAULT_DRIFT_SECTIONS_TRANSLATION
 from emcore.errors import SectionflowError
 from emcore.geometry import BBox, VoxelBox
 from emcore.layers import Layer, open_layer
+from emcore.mip_plan import choose_mips
 from emcore.models import load_model
 from emcore.models.refine import LEARNED_METHODS
 
 __all__ = ["AlignParams", "DownsampleParams", "load_params"]
 
 Mip = Annotated[int, Field(ge=0, le=12)]
+
+#: Stack-solve anchor: 1 pair's weight = a drift length of about 1 section for residual fields
+#: (benchmarks/README.md, "Stack benchmark").
+DEFAULT_ANCHOR = 1.0
 
 
 class AlignParams(BaseModel):
@@ -49,8 +55,16 @@ class AlignParams(BaseModel):
     bbox_nm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = Field(
         None, description="region to align, ((x0, y0, z0), (x1, y1, z1)) nm; default the whole source layer"
     )
-    coarse_mip: Mip = Field(3, description="mip of the coarse alignment (whole sections)")
-    finetune_mip: Mip = Field(2, description="mip of the finetuner, the encodings and the final fields")
+    coarse_mip: Mip = Field(
+        None,  # type: ignore[assignment]  # filled in from the source by _auto_mips
+        description="mip of the coarse alignment (whole sections); default chosen from the source's "
+        "resolution and section size (emcore/mip_plan.py: ~256 nm/px, at least 256 px per section)",
+    )
+    finetune_mip: Mip = Field(
+        None,  # type: ignore[assignment]
+        description="mip of the finetuner, the encodings and the final fields; default chosen from the "
+        "source's resolution (emcore/mip_plan.py: the finest mip at >= 16 nm/px)",
+    )
     render_mip: Mip = Field(0, description="finest mip rendered; coarser mips are downsampled from it")
     chunk_xy: int = Field(
         256,
@@ -79,8 +93,42 @@ class AlignParams(BaseModel):
     # benchmarks/README.md). The low sm wins only on same-section known-deformation cases.
     sm: float = Field(200.0, ge=0, allow_inf_nan=False, description="finetuner rigidity weight (>= 0)")
     num_iter: int = Field(300, gt=0, description="finetuner iterations per pyramid level (> 0)")
+    drift_sections_linear: float = Field(
+        DEFAULT_DRIFT_SECTIONS_LINEAR, gt=0,
+        description="affine stack solve: prior length (sections) of the rotation/scale/shear part; a "
+        "per-pair bias moves a section by about this many pairs' worth (see emcore/affine_solve.py)",
+    )
+    drift_sections_translation: float = Field(
+        DEFAULT_DRIFT_SECTIONS_TRANSLATION, gt=0,
+        description="affine stack solve: prior length (sections) of the translation part",
+    )
+    anchor: float = Field(
+        DEFAULT_ANCHOR, ge=0, allow_inf_nan=False,
+        description="stack solve: weight pulling each section's residual field towards 0 (per pixel, "
+        "relative to one pair); stops non-affine drift along z",
+    )
     smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
     robust_px: float = Field(2.0, gt=0, allow_inf_nan=False, description="stack-solve Cauchy scale (px)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_mips(cls, data: object) -> object:
+        """Fill in ``coarse_mip`` / ``finetune_mip`` left out (or ``None``/``"auto"``) from the source."""
+        if not isinstance(data, dict):
+            return data
+        wanted = [n for n in ("coarse_mip", "finetune_mip") if data.get(n) in (None, "auto")]
+        if not wanted or not isinstance(data.get("source"), str):
+            return data
+        try:
+            layer = open_layer(data["source"])
+        except SectionflowError:
+            return data  # the after-validator reports the missing source
+        coarse, finetune = choose_mips(layer.resolution(0)[0], layer.size(0)[:2], layer.num_mips)
+        chosen = {"coarse_mip": coarse, "finetune_mip": finetune}
+        given = data.get("finetune_mip")
+        if "coarse_mip" in wanted and given not in (None, "auto"):
+            chosen["coarse_mip"] = max(coarse, int(given))
+        return {**data, **{n: chosen[n] for n in wanted}}
 
     @model_validator(mode="after")
     def _check_against_source(self) -> AlignParams:
@@ -89,6 +137,9 @@ class AlignParams(BaseModel):
         except SectionflowError as exc:
             raise ValueError(f"source: {exc}. Import the stack first (`sectionflow import-stack`).") from None
         top = layer.num_mips - 1
+        for name in ("coarse_mip", "finetune_mip"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is missing and could not be chosen from the source")
         for name in ("coarse_mip", "finetune_mip", "render_mip"):
             if getattr(self, name) > top:
                 raise ValueError(f"{name}={getattr(self, name)} but the source has mips 0..{top}")

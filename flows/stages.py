@@ -20,11 +20,13 @@ from typing import Any
 from cloudfiles import CloudFiles
 from prefect import flow, get_run_logger
 
+from emcore.blend import blend_margin
 from emcore.errors import LayerNotFoundError
 from emcore.layers import Layer, create_layer, open_layer
 from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
 from flows.runtime import wait_all
+from tasks.affine import section_affines
 from tasks.coarse import coarse_pair_task
 from tasks.encode import encode_chunk_task, resolve_encoder
 from tasks.finetune import blend_chunk_task, finetune_chunk_task
@@ -205,7 +207,8 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     classical one + the learned refiner).
 
     Writes ``<out>/fields/pairwise/z-<k>`` and ``pairs.json`` (each pair's status: blank,
-    reliable, confidence, reason; and the pairs used downstream).
+    reliable, confidence, reason, matrix; and the pairs used downstream), then solves the section
+    affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``.
     """
     layout = Layout(params.output)
     normalized = _require(layout.normalized, "normalize")
@@ -237,11 +240,22 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
         get_run_logger().warning("unreliable coarse pairs (z-k): %s", unreliable)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     _write_json(root, "pairs.json", {"status": status, "used": used, "blank": sorted(blank)})
+    affines = section_affines(
+        status, sections, sorted(blank), (region.shape[1], region.shape[0]), mip, params.finetune_mip,
+        drift_sections_linear=params.drift_sections_linear,
+        drift_sections_translation=params.drift_sections_translation,
+    )  # fmt: skip
+    _write_json(layout.fields_root, "affine.json", affines)
+    if affines["fallback"]:
+        get_run_logger().warning(
+            "sections without a reliable coarse pair (affine interpolated from their neighbours): %s",
+            affines["fallback"],
+        )
     for k in sorted({k for _, k in pairs}):
         _provenance(open_layer(layout.pairwise(k)), f"sectionflow pairwise fields z -> z-{k}", params)
     return _summary(
         "coarse_align", outcomes, pairs=len(pairs), used=len(used), unreliable=unreliable,
-        method=params.coarse_method,
+        method=params.coarse_method, fallback=affines["fallback"],
     )  # fmt: skip
 
 
@@ -251,25 +265,26 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     used = [tuple(p) for p in _read_json(root, "pairs.json", "coarse_align")["used"]]
+    affines = _read_json(layout.fields_root, "affine.json", "coarse_align")["matrices"]
     image = _require(pair_image(params), "encode")
     mip = params.finetune_mip
     region = params.region(image, mip)
     chunks = list(image.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1)))
     xy_chunks = [c for c in chunks if c.start[2] == region.start[2]]
-    smallest = min(min(c.shape[0], c.shape[1]) for c in xy_chunks)
-    margin = min(params.pad // 2, smallest // 2)
+    margin = blend_margin(params.pad, xy_chunks)
     options = {"pad": params.pad, "margin": margin, "bounds": region, "sm": params.sm,
                "num_iter": params.num_iter, "defects": params.defects}
     futures = [
         finetune_chunk_task.submit(
-            image.path, layout.pairwise(k), box, z, k, mip, params.coarse_mip, **options
-        )
+            image.path, layout.pairwise(k), box, z, k, mip,
+            {str(z): affines[str(z)], str(z - k): affines[str(z - k)]}, **options,
+        )  # fmt: skip
         for z, k in used
         for box in xy_chunks
     ]
     outcomes = wait_all(futures, "finetune")
     run_key = json.dumps(
-        {**options, "bounds": str(region), "image": image.path, "coarse_mip": params.coarse_mip},
+        {**options, "bounds": str(region), "image": image.path, "affines": affines},
         sort_keys=True, default=str,
     )
     futures = [
@@ -288,7 +303,8 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
 
 @flow(name="solve", log_prints=True)
 def solve_flow(params: AlignParams) -> dict[str, Any]:
-    """Vector voting + global stack solve of the finetuned pairwise fields -> ``<out>/fields/final``."""
+    """Vector voting + anchored stack solve of the finetuned residuals, composed with the section
+    affines -> ``<out>/fields/final`` (:mod:`tasks.solve`)."""
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     pairs_info = _read_json(root, "pairs.json", "coarse_align")
@@ -297,6 +313,7 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
     ks = sorted({k for _, k in used})
     pair_layers = {k: _require(layout.pairwise(k), "coarse_align").path for k in ks}
     normalized = _require(layout.normalized, "normalize")
+    affines = _read_json(layout.fields_root, "affine.json", "coarse_align")["matrices"]
     out = _create_like(normalized, layout.final_fields, "field")
     mip = params.finetune_mip
     region = params.region(out, mip)
@@ -310,7 +327,10 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
             pad=params.pad,
             used_pairs=used,
             blank=blank,
+            affines=affines,
+            region=region,
             smoothness=params.smoothness,
+            anchor=params.anchor,
             robust_px=params.robust_px,
         )
         for box in xy

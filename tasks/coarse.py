@@ -10,7 +10,10 @@ excluded) by one of three methods (``AlignParams.coarse_method``):
 * ``"classical+refine"``: the classical aligner, then the shipped ``pyramid_refiner`` network on
   what it leaves (:func:`emcore.models.refine.learned_coarse_align` for both learned methods).
 
-It is stored at the coarse mip in the pair layer ``<out>/fields/pairwise/z-<k>`` at section ``z``.
+It is stored at the coarse mip in the pair layer ``<out>/fields/pairwise/z-<k>`` at section ``z``,
+and its least-squares affine matrix (px at the coarse mip, origin = the region's first pixel,
+:mod:`emcore.affine`) goes into the outcome's ``detail["matrix"]`` for the global affine stack solve
+(:mod:`emcore.affine_solve`).
 
 A pair that cannot be measured (a blank section) is written as zeros and reported ``blank``; an
 unreliable estimate is reported with its reason and gets weight 0 in the stack solve.
@@ -23,6 +26,7 @@ from functools import lru_cache
 import torch
 from prefect import task
 
+from emcore.affine import fit_affine
 from emcore.coarse_xcorr import coarse_align
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
@@ -67,7 +71,7 @@ def coarse_pair_task(
     ``method`` one of :data:`COARSE_METHODS`.
 
     Returns a :class:`~tasks.markers.ChunkOutcome` whose ``detail`` has ``z, k, blank, reliable,
-    confidence, reason`` (kept in the marker, so a skipped rerun reports the same).
+    confidence, reason, matrix`` (kept in the marker, so a skipped rerun reports the same).
     """
     if method not in COARSE_METHODS:
         raise ValueError(f"coarse method must be one of {COARSE_METHODS}, got {method!r}")
@@ -100,12 +104,13 @@ def coarse_pair_task(
                 moving_mask=src_mask, fixed_mask=tgt_mask,
             )  # fmt: skip
             field = result.field
+        detail.update(matrix=fit_affine(field).tolist())
         detail.update(
             reliable=bool(result.reliable), confidence=float(result.confidence), reason=result.reason
         )
     except BlankSectionError as exc:
         field = torch.zeros(1, 2, *src.shape)
-        detail.update(blank=True, reason=str(exc))
+        detail.update(blank=True, reason=str(exc), matrix=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     open_layer(output).write(src_box, field.numpy(), mip)
     marker.mark_done(detail)
     return ChunkOutcome("coarse", f"{z}-{k}", "done", detail)

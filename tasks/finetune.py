@@ -1,18 +1,21 @@
-"""Finetune stage: refine a pairwise field chunk by chunk with the online finetuner.
+"""Finetune stage: refine a pairwise field chunk by chunk with the online finetuner, in the stack frame.
 
 For pair ``(z, k)`` and a processing chunk (voxels at the finetune mip) the task reads, with
-``pad`` px of context on each side: the target section ``z - k``, the coarse field
-``P[z, k]`` (stored at the coarse mip, upsampled exactly), and the source section ``z`` shifted by
-the coarse field's median integer displacement so it overlaps the target. It runs
-:func:`emcore.finetune.finetune` (coarse to fine inside the chunk) from the coarse field, crops the
-context down to a *piece* (the chunk grown by a blend ``margin``, :func:`emcore.blend.piece_box`)
-and stores it beside the pair layer (``<pairs>/.sectionflow/pieces/...``, a ``.npy`` per chunk).
+``pad`` px of context on each side, sections ``z`` and ``z - k`` each seen through its section
+affine from the global affine stage (:mod:`tasks.affine`; :func:`tasks.io.read_through_field`
+reads only the source region the affine points into), so both are already in the affinely aligned
+stack frame. It runs :func:`emcore.finetune.finetune` (coarse to fine inside the chunk) from the
+zero field: the result ``Q[z, k]`` is the small residual with
+``warp(A_z(img_z), Q) ~= A_{z-k}(img_{z-k})``. It crops the context down to a *piece* (the chunk
+grown by a blend ``margin``, :func:`emcore.blend.piece_box`) and stores it beside the pair layer
+(``<pairs>/.sectionflow/pieces/...``, a ``.npy`` per chunk).
 
-Then :func:`blend_chunk_task` writes each chunk of ``P[z, k]`` at the finetune mip into the pair
+Then :func:`blend_chunk_task` writes each chunk of ``Q[z, k]`` at the finetune mip into the pair
 layer as the raised-cosine blend of the pieces that overlap it (:func:`emcore.blend.blend_pieces`),
-so neighbouring chunks meet without a seam. Every chunk saw ``pad`` px of real neighbouring data;
-the chunked result equals the whole-section result within a small tolerance away from the volume
-edge (tested in ``tests/flows/test_chunking.py``).
+so neighbouring chunks meet without a seam. (The pair layer's coarse mip keeps the coarse field
+``P[z, k]`` in the sections' own frames, for inspection.) Every chunk saw ``pad`` px of real
+neighbouring data; the chunked result equals the whole-section result within a small tolerance
+away from the volume edge (tested in ``tests/flows/test_chunking.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from cloudfiles import CloudFiles
 from prefect import task
 
@@ -28,8 +30,9 @@ from emcore.blend import blend_pieces, piece_box
 from emcore.finetune import finetune
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
+from tasks.affine import affine_field
 from tasks.coarse import section_box
-from tasks.io import read_field, read_tensor
+from tasks.io import read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
 from tasks.retry import CHUNK_TASK_OPTIONS
 
@@ -64,7 +67,7 @@ def finetune_chunk_task(
     z: int,
     k: int,
     mip: int,
-    coarse_mip: int,
+    affines: dict[str, list[list[float]]],
     *,
     pad: int,
     margin: int,
@@ -73,10 +76,11 @@ def finetune_chunk_task(
     num_iter: int,
     defects: str | None = None,
 ) -> ChunkOutcome:
-    """Refine ``P[z, k]`` on ``box`` (xy chunk at ``mip``, any z) and store its blend piece.
+    """Refine ``Q[z, k]`` on ``box`` (xy chunk at ``mip``, any z) and store its blend piece.
 
-    ``bounds`` is the region the chunks tile (xy, voxels at ``mip``); ``margin <= pad`` is the blend
-    margin in px.
+    ``affines`` holds ``G_affine`` of sections ``z`` and ``z - k`` (``{str(z): 2 x 3}``, px at
+    ``mip``, origin = ``bounds.start``); ``bounds`` is the region the chunks tile (xy, voxels at
+    ``mip``); ``margin <= pad`` is the blend margin in px.
     """
     if margin > pad:
         raise ValueError(f"blend margin {margin} px must not exceed the context pad {pad} px")
@@ -86,7 +90,7 @@ def finetune_chunk_task(
         "z": z,
         "k": k,
         "mip": mip,
-        "coarse_mip": coarse_mip,
+        "affines": [affines[str(z)], affines[str(z - k)]],
         "pad": pad,
         "sm": sm,
         "num_iter": num_iter,
@@ -97,28 +101,19 @@ def finetune_chunk_task(
     if previous is not None:
         return ChunkOutcome("finetune", f"{z}-{k} {chunk}", "skipped", previous)
     padded = chunk.padded(pad)
-    pair_layer, img = open_layer(pairs), open_layer(image)
-    init = read_field(pair_layer, padded, mip, field_mip=coarse_mip)
-    shift = (int(round(float(init[:, 0].median()))), int(round(float(init[:, 1].median()))))
-    src_box = padded.translated((shift[0], shift[1], 0))
-    tgt_box = section_box(padded, z - k)
-    src, tgt = read_tensor(img, src_box, mip), read_tensor(img, tgt_box, mip)
+    img = open_layer(image)
+    src_box, tgt_box = section_box(padded, z), section_box(padded, z - k)
+    src_affine = affine_field(affines[str(z)], src_box, bounds)
+    tgt_affine = affine_field(affines[str(z - k)], tgt_box, bounds)
+    src = read_through_field(img, src_box, mip, src_affine)
+    tgt = read_through_field(img, tgt_box, mip, tgt_affine)
     src_def = tgt_def = None
     if defects:
         mask_layer = open_layer(defects)
-        src_def = read_tensor(mask_layer, src_box, mip) != 0
-        tgt_def = read_tensor(mask_layer, tgt_box, mip) != 0
-    shift_t = torch.tensor(shift, dtype=torch.float32).view(1, 2, 1, 1)
-    result = finetune(
-        src,
-        tgt,
-        init_field=init - shift_t,
-        src_defects=src_def,
-        tgt_defects=tgt_def,
-        sm=sm,
-        num_iter=num_iter,
-    )
-    field = (result.field + shift_t).numpy()
+        src_def = read_through_field(mask_layer, src_box, mip, src_affine, is_mask=True) != 0
+        tgt_def = read_through_field(mask_layer, tgt_box, mip, tgt_affine, is_mask=True) != 0
+    result = finetune(src, tgt, src_defects=src_def, tgt_defects=tgt_def, sm=sm, num_iter=num_iter)
+    field = result.field.numpy()
     piece = piece_box(chunk, bounds, margin)
     y0, x0 = piece.start[1] - padded.start[1], piece.start[0] - padded.start[0]
     _save_piece(pairs, chunk, mip, field[..., y0:y0 + piece.shape[1], x0:x0 + piece.shape[0]])

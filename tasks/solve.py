@@ -8,10 +8,15 @@ the region, the task reads every used ``P[z, k]``, then
    ``compose(S[z - k], P[z, k])`` (``S`` = the sequential composition) should agree; each pair's
    per-pixel share of the consensus (times the number of candidates) becomes its weight, so a bad
    pairwise estimate is voted down where it disagrees;
-2. **global solve** (:func:`emcore.stack_solve.solve_stack`): robust relaxation with the first
-   non-blank section fixed; blank sections are interpolated and reported;
+2. **global solve** (:func:`emcore.stack_solve.solve_stack`): robust relaxation of the residual
+   fields ``H[z]`` with the first non-blank section fixed and an ``anchor`` pulling every section
+   towards 0 (the pairs are residuals in the affinely aligned stack frame, :mod:`tasks.affine`, so
+   content differences between neighbours cannot accumulate along z); blank sections are
+   interpolated and reported;
 
-then crops the context and writes ``G[z]`` for every section into ``<out>/fields/final``.
+then crops the context and writes ``G[z] = compose(H[z], G_affine[z])`` (exact,
+:func:`emcore.affine.compose_with_affine`: no context needed for the affine part, however large)
+for every section into ``<out>/fields/final``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 from prefect import task
 
+from emcore.affine import compose_with_affine, shift_origin
 from emcore.field import compose
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
@@ -66,7 +72,10 @@ def solve_chunk_task(
     pad: int,
     used_pairs: list[tuple[int, int]],
     blank: list[int],
+    affines: dict[str, list[list[float]]],
+    region: VoxelBox,
     smoothness: float = 0.0,
+    anchor: float = 0.0,
     robust_px: float = 2.0,
 ) -> ChunkOutcome:
     """Solve the stack on ``box`` (xy chunk at ``mip``, all sections of the region in z).
@@ -77,6 +86,8 @@ def solve_chunk_task(
         box: the chunk; ``z`` spans the whole region (section indices are absolute).
         used_pairs: ``(z, k)`` absolute pairs to use (blank and unreliable ones left out).
         blank: absolute indices of blank sections (interpolated).
+        affines: ``{str(z): 2 x 3}`` section affines at ``mip`` (origin = ``region.start``).
+        region: the region the chunks tile (voxels at ``mip``).
     """
     params = {
         "mip": mip,
@@ -84,7 +95,10 @@ def solve_chunk_task(
         "pairs": sorted(used_pairs),
         "blank": sorted(blank),
         "smoothness": smoothness,
+        "anchor": anchor,
         "robust_px": robust_px,
+        "affines": {z: affines[z] for z in sorted(affines)},
+        "region": str(region),
     }
     marker = ChunkMarker(
         output, "solve", f"{box}@{mip}", tuple(pair_layers[k] for k in sorted(pair_layers)), params
@@ -104,12 +118,18 @@ def solve_chunk_task(
     rel_blank = [z - z0 for z in blank if z0 <= z < z0 + num]
     weights = vote_weights(pairs, num, rel_blank) if pairs else {}
     solution = solve_stack(
-        pairs, num, weights=weights or None, blank=rel_blank, smoothness=smoothness, robust_px=robust_px
+        pairs, num, weights=weights or None, blank=rel_blank, smoothness=smoothness, anchor=anchor,
+        robust_px=robust_px,
     )
     fields = solution.fields
     if pad:
         fields = fields[..., pad:-pad, pad:-pad]
-    open_layer(output).write(box, fields.numpy(), mip)
+    offset = (box.start[0] - region.start[0], box.start[1] - region.start[1])
+    final = torch.cat([
+        compose_with_affine(fields[i : i + 1], shift_origin(torch.tensor(affines[str(z0 + i)]), offset))
+        for i in range(num)
+    ])  # fmt: skip
+    open_layer(output).write(box, final.numpy(), mip)
     detail = {
         "fixed": solution.fixed + z0,
         "interpolated": [z + z0 for z in solution.interpolated],

@@ -109,3 +109,21 @@ def test_crop_and_cut():
     assert np.array_equal(cut(data, box, inner), data[:, 2:5, 3:10])
     with pytest.raises(GeometryError, match="not inside"):
         cut(data, box, VoxelBox((90, 200, 0), (105, 205, 1)))
+
+
+def test_blend_margin_is_not_shrunk_by_a_partial_last_chunk():
+    from emcore.blend import blend_margin
+
+    # a 260 px region in 128 px chunks: the last chunk is 4 px wide; the seams between the full
+    # chunks still blend over pad // 2 px on each side (it was 2 px: visible seams)
+    cores = [VoxelBox((x, y, 0), (min(x + 128, 260), min(y + 128, 260), 1))
+             for x in (0, 128, 256) for y in (0, 128, 256)]
+    assert blend_margin(32, cores) == 16
+    assert blend_margin(32, [VoxelBox((0, 0, 0), (20, 20, 1))]) == 10
+    # the weights of every core still sum to one with that margin
+    bounds = VoxelBox((0, 0, 0), (260, 260, 1))
+    total = np.zeros((260, 260))
+    for core in cores:
+        box, w = blend_weights(core, bounds, 16)
+        total[box.start[1] : box.stop[1], box.start[0] : box.stop[0]] += w
+    assert np.allclose(total, 1.0, atol=1e-6)

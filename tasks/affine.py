@@ -1,0 +1,108 @@
+"""The global affine stage: section affines from the coarse pairs, and reading them back per chunk.
+
+:func:`section_affines` runs :func:`emcore.affine_solve.solve_affine_stack` on the coarse pairs'
+matrices (``detail["matrix"]`` of :func:`tasks.coarse.coarse_pair_task`, px at the coarse mip,
+origin = the region's first pixel). Only reliable pairs are used, ``z -> z-k`` weighted ``1 /
+k**2``; a section left with none is listed under ``fallback`` and its affine is interpolated from
+its neighbours (the solve's rule for sections without a pair), never taken from an unreliable
+estimate. The result, written as ``<out>/fields/affine.json``, holds every section's ``G_affine[z]``
+at the coarse and at the finetune mip (origin = the region's first pixel at that mip).
+
+Later stages work in the affinely aligned stack frame: the finetuner compares sections ``z`` and
+``z - k`` both warped by their affines (so its fields are small residuals), the stack solve relaxes
+those residuals, and the final field is ``compose(H[z], G_affine[z])``, composed exactly
+(:func:`emcore.affine.compose_with_affine`) with no context needed at chunk borders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from emcore.affine import affine_displacement_field, describe_matrix, rescale_matrix, shift_origin
+from emcore.affine_solve import solve_affine_stack
+from emcore.geometry import VoxelBox
+
+__all__ = ["affine_field", "section_affines"]
+
+
+def section_affines(
+    status: dict[str, dict[str, Any]],
+    sections: list[int],
+    blank: list[int],
+    size: tuple[int, int],
+    coarse_mip: int,
+    finetune_mip: int,
+    *,
+    drift_sections_linear: float,
+    drift_sections_translation: float,
+) -> dict[str, Any]:
+    """Solve the section affines from the coarse pairs' status (``{"z-k": detail}``).
+
+    Args:
+        status: the coarse stage's per-pair details (``z, k, blank, reliable, matrix, ...``).
+        sections: absolute section indices of the region, in order.
+        blank: blank sections (no pair).
+        size: ``(height, width)`` of the region at the coarse mip (px).
+
+    Returns:
+        A JSON-able dict: ``matrices`` / ``matrices_coarse`` ``{z: 2 x 3 list}`` (finetune / coarse
+        mip), ``parts`` per section (rotation_deg, scale, shear, translation px at the finetune mip),
+        ``fixed``, ``fallback`` (sections without a reliable pair), ``pair_residual_px``,
+        ``pair_weight``, and the prior lengths used.
+    """
+    z0 = sections[0]
+    pairs, weights, reliable_sections = {}, {}, set()
+    for detail in status.values():
+        if detail.get("blank") or not detail.get("reliable") or "matrix" not in detail:
+            continue
+        z, k = int(detail["z"]), int(detail["k"])
+        pairs[(z - z0, k)] = torch.tensor(detail["matrix"], dtype=torch.float64)
+        weights[(z - z0, k)] = 1.0 / k**2  # apparent motion grows with distance (emcore.affine_solve)
+        reliable_sections.update((z, z - k))
+    fallback = sorted(z for z in sections if z not in blank and z not in reliable_sections)
+    if len(sections) - len(blank) < 2:
+        fallback = []
+    h, w = size
+    solution = solve_affine_stack(
+        pairs, len(sections), h, w, weights=weights, blank=[z - z0 for z in blank],
+        drift_sections_linear=drift_sections_linear,
+        drift_sections_translation=drift_sections_translation,
+    )  # fmt: skip
+    scale = 2 ** (coarse_mip - finetune_mip)
+    matrices, coarse, parts = {}, {}, {}
+    for i, z in enumerate(sections):
+        m = solution.matrices[i]
+        fine = rescale_matrix(m, coarse_mip, finetune_mip)
+        coarse[str(z)] = m.tolist()
+        matrices[str(z)] = fine.tolist()
+        p = describe_matrix(fine, h * scale, w * scale)
+        parts[str(z)] = {
+            "rotation_deg": p.rotation_deg, "scale_x": p.scale_x, "scale_y": p.scale_y,
+            "shear": p.shear, "translation_px": list(p.translation),
+        }  # fmt: skip
+    return {
+        "coarse_mip": coarse_mip,
+        "finetune_mip": finetune_mip,
+        "matrices": matrices,
+        "matrices_coarse": coarse,
+        "parts": parts,
+        "fixed": solution.fixed + z0,
+        "fallback": fallback,
+        "interpolated": [z + z0 for z in solution.interpolated],
+        "pair_residual_px": {f"{z + z0}-{k}": round(r, 4) for (z, k), r in solution.pair_residual_px.items()},
+        "pair_weight": {f"{z + z0}-{k}": round(r, 4) for (z, k), r in solution.pair_weight.items()},
+        "drift_sections_linear": drift_sections_linear,
+        "drift_sections_translation": drift_sections_translation,
+    }
+
+
+def affine_field(matrix: list[list[float]], box: VoxelBox, region: VoxelBox) -> torch.Tensor:
+    """``(1, 2, Y, X)`` float32 field of a section affine (origin = ``region.start``) on ``box``.
+
+    ``box`` and ``region`` are voxels at the matrix's mip; ``box`` may extend past the region.
+    """
+    local = shift_origin(torch.tensor(matrix, dtype=torch.float64),
+                         (box.start[0] - region.start[0], box.start[1] - region.start[1]))
+    return affine_displacement_field(local, box.shape[1], box.shape[0])
