@@ -1,6 +1,7 @@
-"""Run the finetuner benchmarks: loss kernels (bench_kernels) and accuracy/speed vs peers (bench_finetune).
+"""Run the benchmarks: loss kernels, finetuner vs peers (bench_finetune), stacks (bench_stack).
 
-    .venv/bin/python -m benchmarks.run_all --quick   # bundled data, short runs (`make bench`)
+    .venv/bin/python -m benchmarks.run_all --quick   # short runs (`make bench`): bundled data, and
+                                                     # 3 sections per shared stack (bench_stack)
     .venv/bin/python -m benchmarks.run_all           # shared real EM data, full runs
 
 Each benchmark runs in its own process (``python -m benchmarks.<name>``), so one's memory peaks and
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench_kernels", "bench_finetune")
+BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_stack")
 
 
 def main() -> int:
