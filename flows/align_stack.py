@@ -80,6 +80,8 @@ def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> d
         aligned_defects=layout.aligned_defects if params.defects else None,
         true_fields=params.true_fields,
         blank=blank,
+        chunk_xy=params.chunk_xy,
+        fields_root=layout.fields_root,
         extra={
             "chunks": {name: {"done": s["done"], "skipped": s["skipped"]} for name, s in summaries.items()}
         },

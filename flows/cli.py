@@ -190,6 +190,11 @@ def align_stack_command(
         return
     console.print(_stage_table({k: v for k, v in summaries.items() if k != "report"}))
     console.print(summaries["report"]["markdown"])
+    from flows.demo import residual_line, verdict_line
+
+    summary = dict(summaries["report"]["summary"], finetune_mip=params.finetune_mip)
+    console.print(residual_line(summary))
+    console.print(verdict_line(summary))
 
 
 @app.command("downsample")
@@ -249,7 +254,7 @@ def demo_command(
     dask_address: DaskOpt = None,
 ) -> None:
     """Misalign the bundled real EM stack by a known deformation, align it back, print the report."""
-    from flows.demo import demo_params, prepare_demo, residual_line
+    from flows.demo import demo_params, prepare_demo, residual_line, verdict_line
 
     started = time.perf_counter()
     try:
@@ -270,6 +275,7 @@ def demo_command(
     console.print(f"outputs: {params.output} (aligned, fields/final, masks/aligned_defects, ...)")
     console.print(f"report and pictures: {Path(report['files']['markdown']).parent}")
     console.print(f"total {time.perf_counter() - started:.0f} s")
+    console.print(verdict_line(summary))
 
 
 @app.command("serve")

@@ -107,6 +107,12 @@ class AlignParams(BaseModel):
         description="stack solve: weight pulling each section's residual field towards 0 (per pixel, "
         "relative to one pair); stops non-affine drift along z",
     )
+    solve_block_z: int = Field(
+        64, gt=0, description="stack solve: sections per task (the solve is local in z thanks to the anchor)"
+    )
+    solve_overlap_z: int = Field(
+        8, ge=0, description="stack solve: sections read beyond each block on both sides (context in z)"
+    )
     smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
     robust_px: float = Field(2.0, gt=0, allow_inf_nan=False, description="stack-solve Cauchy scale (px)")
 

@@ -33,6 +33,7 @@ from emcore.layers import Layer, open_layer
 from emcore.metrics import field_residual
 from emcore.pictures import save_png, side_by_side, thumbnail, xz_reslice
 from emcore.quality import neighbour_correlation
+from tasks.report_stack import stack_section
 
 __all__ = ["RunReport", "build_report", "neuroglancer_instructions", "report_mip"]
 
@@ -96,11 +97,15 @@ def build_report(
     true_fields: str | None = None,
     blank: list[int] | None = None,
     extra: dict[str, Any] | None = None,
+    chunk_xy: int | None = None,
+    fields_root: str | None = None,
 ) -> RunReport:
     """Measure before/after quality, write pictures and the markdown report to ``out_dir``.
 
     Args:
         region: the aligned region, voxels at mip 0 (xy is scaled to the report mip).
+        chunk_xy, fields_root: the processing chunk (px at the finetune mip) and ``<out>/fields``:
+            with both, the stack-trust section (:mod:`tasks.report_stack`) is added.
     """
     src = open_layer(source)
     out = open_layer(aligned)
@@ -120,16 +125,16 @@ def build_report(
     rows: list[dict[str, Any]] = []
     res_before: list[float] = []
     res_after: list[float] = []
-    truth = final = None
+    truth = None
     exclude = None
+    fm = 2**finetune_mip
+    fbox = VoxelBox(
+        (region.start[0] // fm, region.start[1] // fm, region.start[2]),
+        (-(-region.stop[0] // fm), -(-region.stop[1] // fm), region.stop[2]),
+    )
+    final = torch.from_numpy(open_layer(final_fields).read(fbox, finetune_mip))
     if true_fields:
-        fm = 2**finetune_mip
-        fbox = VoxelBox(
-            (region.start[0] // fm, region.start[1] // fm, region.start[2]),
-            (-(-region.stop[0] // fm), -(-region.stop[1] // fm), region.stop[2]),
-        )
         truth = torch.from_numpy(open_layer(true_fields).read(fbox, finetune_mip))
-        final = torch.from_numpy(open_layer(final_fields).read(fbox, finetune_mip))
         if aligned_defects:
             m = torch.from_numpy(open_layer(aligned_defects).read(fbox, finetune_mip)).float()
             exclude = F.max_pool2d(m, 2 * DEFECT_MARGIN + 1, stride=1, padding=DEFECT_MARGIN) > 0
@@ -186,6 +191,17 @@ def build_report(
         )
     )
 
+    stack = None
+    if chunk_xy is not None and fields_root is not None:
+        stack = stack_section(
+            final=final, zs=zs, chunk_xy=chunk_xy, fields_root=fields_root, rows=rows, before=before,
+            after=after, blank=blank, out_dir=out_dir, finetune_mip=finetune_mip,
+        )  # fmt: skip
+        files.update(stack.files)
+        for row in rows:
+            row.update({f"g_{k}": v for k, v in stack.metrics[row["z"]].items()})
+            row["flags"] = ";".join(stack.flags.get(row["z"], []))
+
     def _mean(key: str) -> float:
         vals = [r[key] for r in rows if not math.isnan(r[key]) and not r["blank"]]
         return float(np.mean(vals)) if vals else float("nan")
@@ -202,6 +218,8 @@ def build_report(
             residual_after_median_px=float(np.median(res_after)),
             residual_after_worst_section_px=float(np.max(res_after)),
         )
+    if stack is not None:
+        summary.update(stack.summary)
     summary.update(extra or {})
 
     lines = [
@@ -242,12 +260,15 @@ def build_report(
             f"{summary['residual_after_median_px']:.2f} "
             f"(worst section {summary['residual_after_worst_section_px']:.2f})."
         )
+    if stack is not None:
+        lines += ["", *stack.lines]
     lines += [
         "",
         "## Pictures",
         "",
         f"* before/after thumbnails: `{files['thumbnails']}`",
         f"* x-z reslice before/after: `{files['xz_reslice']}`",
+        *(f"* {name}: `{files[name]}`" for name in ("overlay", "drift") if name in files),
         "",
         "## Neuroglancer",
         "",
