@@ -41,7 +41,8 @@ def test_report_html_is_standalone(tmp_path):
         f"| 1 | 0.015 | 0.505 |\n\n## Pictures\n\n* thumbnails: `{path}`\n"
     )
     html_path = write_report_html(md, str(tmp_path))
-    text = open(html_path).read()
+    with open(html_path) as fh:
+        text = fh.read()
     assert html_path.endswith("report.html")
     assert "<table>" in text and "<td>0.505</td>" in text
     assert '<img src="data:image/png;base64,' in text
