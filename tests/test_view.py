@@ -88,3 +88,11 @@ def test_layer_server_gzip_chunks_and_scale_filter(tmp_path):
                 assert exc.code == 404
     finally:
         server.close()
+
+
+def test_report_gives_the_view_command():
+    from tasks.report import neuroglancer_instructions
+
+    text = neuroglancer_instructions({"aligned": "file:///data/run/aligned", "source": "gs://b/raw"})
+    assert "```\nsectionflow view /data/run --source gs://b/raw\n```" in text
+    assert "npx" not in text and "appspot" not in text
