@@ -342,18 +342,20 @@ def view_command(
     source: Annotated[str | None, typer.Option(help="source layer (default: the run's provenance)")] = None,
     bind: Annotated[str, typer.Option(help="address to serve on (127.0.0.1: this host only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="viewer port (0: any free port)")] = 0,
+    data_port: Annotated[int, typer.Option(help="port serving the local layers (0: any free port)")] = 0,
     open_browser: Annotated[bool, typer.Option("--open", help="also open the URL in a browser")] = False,
 ) -> None:
     """Show the output's layers in a local Neuroglancer (offline); prints the viewer URL on one line."""
     from flows.view import start_view
 
     try:
-        session = start_view(output, source, bind=bind, port=port)
+        session = start_view(output, source, bind=bind, port=port, data_port=data_port)
     except (SectionflowError, ValueError, OSError) as exc:
         _fail(exc)
         return
     names = ", ".join(layer.name for layer in session.layers)
-    print(f"layers: {names}; start: {session.start_reason}", file=sys.stderr, flush=True)
+    print(f"layers: {names} (local ones served at {session.server.base_url}); start: {session.start_reason}",
+          file=sys.stderr, flush=True)
     print(session.url, flush=True)  # plain print: one line, never wrapped
     if open_browser:
         import webbrowser

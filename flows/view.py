@@ -219,9 +219,12 @@ def neuroglancer_state(
 
 
 def start_view(
-    output: str, source: str | None = None, *, bind: str = "127.0.0.1", port: int = 0
+    output: str, source: str | None = None, *, bind: str = "127.0.0.1", port: int = 0, data_port: int = 0
 ) -> ViewSession:
     """Start the data server and the Neuroglancer viewer for ``output``; returns the running session.
+
+    ``port`` is the viewer's (the URL's) port, ``data_port`` the local layers' (0: any free port);
+    a browser on another machine needs both (e.g. two SSH tunnels).
 
     Raises:
         LayerNotFoundError: a local output without an aligned layer.
@@ -230,7 +233,7 @@ def start_view(
 
     layers = view_layers(output, source)
     root = normalize_path(output)
-    server = LayerServer(bind, 0)
+    server = LayerServer(bind, data_port)
     sources: list[tuple[ViewLayer, str]] = []
     aligned: Layer | None = None
     for i, layer in enumerate(layers):
