@@ -96,3 +96,13 @@ def test_report_gives_the_view_command():
     text = neuroglancer_instructions({"aligned": "file:///data/run/aligned", "source": "gs://b/raw"})
     assert "```\nsectionflow view /data/run --source gs://b/raw\n```" in text
     assert "npx" not in text and "appspot" not in text
+
+
+def test_view_of_a_folder_without_a_run_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["view", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "no aligned layer" in result.output
