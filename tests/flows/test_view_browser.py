@@ -69,17 +69,18 @@ def test_view_shows_tissue_in_headless_chromium(tiny_run, tiny_stack, tmp_path):
     binary = _chromium()
     params, _ = tiny_run
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "view.stderr", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-c", "from flows.cli import app; app()", "view", str(params.output),
          "--source", tiny_stack["misaligned"]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
     )
     try:
         url = _first_line(proc, timeout=180)
         if not url:
-            proc.terminate()
-            err = proc.communicate(timeout=30)[1]
-            raise AssertionError(f"`sectionflow view` printed no URL; stderr:\n{err}")
+            raise AssertionError(
+                f"`sectionflow view` printed no URL; stderr:\n{(tmp_path / 'view.stderr').read_text()}"
+            )
         assert url.startswith("http://127.0.0.1:") and " " not in url
         with Chromium(binary) as browser:
             browser.open(url)
@@ -104,3 +105,19 @@ def test_view_shows_tissue_in_headless_chromium(tiny_run, tiny_stack, tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+
+
+def test_tissue_check_rejects_blank_and_text_pages():
+    def png(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    blank = np.full((768, 1024), 40)
+    text = np.full((768, 1024), 230)
+    text[::7, ::3] = 20  # sparse dark strokes on a light page: two grey levels
+    noise = np.random.default_rng(0).normal(128, 50, (768, 1024)).clip(0, 255)
+    assert not looks_like_tissue(png(blank))
+    assert not looks_like_tissue(png(text))
+    assert looks_like_tissue(png(noise))
