@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.layout import Layout
 from flows.params import AlignParams
@@ -28,6 +27,7 @@ from flows.stages import (
     solve_flow,
 )
 from tasks.report import build_report
+from tasks.run_page import StageProgress, publish_report
 
 __all__ = ["STAGES", "align_stack", "run_stage", "stage_hook"]
 
@@ -86,11 +86,7 @@ def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> d
             "chunks": {name: {"done": s["done"], "skipped": s["skipped"]} for name, s in summaries.items()}
         },
     )
-    try:
-        create_markdown_artifact(report.markdown, key="alignment-report", description="sectionflow report")
-        create_table_artifact(report.rows, key="alignment-quality", description="per-section quality")
-    except Exception as exc:  # noqa: BLE001 - artifacts are a convenience; the files are the record
-        get_run_logger().warning("could not publish Prefect artifacts: %s", exc)
+    report.files["html"] = publish_report(report.markdown, report.rows, layout.report_dir)
     return {
         "stage": "report",
         "done": 1,
@@ -120,11 +116,14 @@ def align_stack(
     summaries: dict[str, dict[str, Any]] = {}
     with local_cluster(dask_address) as address:
         logger.info("align_stack: chunk tasks run on the dask cluster at %s", address)
+        progress = StageProgress(list(STAGES))
         for name, stage_flow in STAGES.items():
             logger.info("align_stack: stage %s", name)
             summaries[name] = run_stage(stage_flow, params, address)
+            progress.stage_done(name, summaries[name])
             _notify(name, summaries[name])
     summaries["report"] = report_stage(params, summaries)
+    progress.stage_done("report", summaries["report"])
     _notify("report", summaries["report"])
     logger.info("align_stack finished: %s", summaries["report"]["summary"])
     return summaries

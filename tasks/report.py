@@ -69,18 +69,16 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def neuroglancer_instructions(layer_paths: dict[str, str]) -> str:
-    """Markdown telling how to view local layers in Neuroglancer (served with CORS on port 1337)."""
-    layers = []
-    for name, path in layer_paths.items():
-        rel = path.rsplit("/", 1)[-1] if "/" in path else path
-        kind = "segmentation" if "mask" in name else "image"
-        layers.append({"type": kind, "source": f"precomputed://http://localhost:1337/{rel}", "name": name})
-    state = json.dumps({"layers": layers, "layout": "xy"}, separators=(",", ":"))
+    """Markdown: the ``sectionflow view`` command showing the output's layers in a local Neuroglancer."""
+    aligned, source = layer_paths["aligned"], layer_paths.get("source")
+    output = aligned[: -len("/aligned")] if aligned.endswith("/aligned") else aligned
+    command = f"sectionflow view {output.removeprefix('file://')}"
+    if source:
+        command += f" --source {source.removeprefix('file://')}"
     return (
-        "Serve the output directory with CORS, e.g. `cd <output> && npx http-server -p 1337 --cors` "
-        "(or `python -c \"from cloudvolume import CloudVolume; CloudVolume('file://<layer>').viewer()\"` "
-        "for one layer), then open Neuroglancer with this state (layer names relative to the output dir):\n\n"
-        f"`https://neuroglancer-demo.appspot.com/#!{state}`\n"
+        "See the aligned stack, the source, the defect masks and the field in a local Neuroglancer "
+        "(offline; it prints one URL to open and starts at the worst flagged section):\n\n"
+        f"```\n{command}\n```\n"
     )
 
 
