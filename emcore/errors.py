@@ -70,7 +70,11 @@ class BlankSectionError(SectionflowError, ValueError):
 
     def __init__(self, section: object, reason: str) -> None:
         self.section = section
+        self.reason = reason
         super().__init__(f"section {section}: {reason}")
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.section, self.reason))
 
 
 class NonFiniteSectionError(SectionflowError, ValueError):
@@ -82,7 +86,11 @@ class NonFiniteSectionError(SectionflowError, ValueError):
 
     def __init__(self, section: object, reason: str) -> None:
         self.section = section
+        self.reason = reason
         super().__init__(f"section {section}: {reason}")
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.section, self.reason))
 
 
 class CorruptChunkError(SectionflowError, ValueError):
@@ -96,10 +104,14 @@ class CorruptChunkError(SectionflowError, ValueError):
     def __init__(self, file: str, layer: str, reason: str) -> None:
         self.file = file
         self.layer = layer
+        self.reason = reason
         super().__init__(
             f"corrupt chunk {file} of layer {layer} ({reason}): re-import the layer, or delete that file "
             "and rerun the stage that writes it (a missing chunk reads as 0 = no data)"
         )
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.file, self.layer, self.reason))
 
 
 class StorageIOError(OSError):

@@ -26,6 +26,7 @@ from emcore.geometry import BBox, VoxelBox
 from emcore.layers import Layer, open_layer
 from emcore.models import load_model
 from emcore.models.refine import LEARNED_METHODS
+from flows.validate import check_inputs
 
 __all__ = ["AlignParams", "DownsampleParams", "load_params"]
 
@@ -112,6 +113,7 @@ class AlignParams(BaseModel):
                     open_layer(path)
                 except SectionflowError as exc:
                     raise ValueError(f"{name}: {exc}") from None
+        check_inputs(self, layer)
         if self.bbox_nm is not None:
             box = self.region(layer, 0)
             if box.is_empty:
