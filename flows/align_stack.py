@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.layout import Layout
+from flows.lock import output_lock
 from flows.params import AlignParams
 from flows.runtime import local_cluster, task_runner
 from flows.stages import (
@@ -60,8 +61,10 @@ STAGES: dict[str, Any] = {
 
 
 def run_stage(stage_flow: Any, params: Any, dask_address: str) -> dict[str, Any]:
-    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``."""
-    return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
+    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``, holding the
+    output's lock (:mod:`flows.lock`: a second run into the same output refuses)."""
+    with output_lock(params.output):
+        return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
 
 
 def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -116,13 +119,14 @@ def align_stack(
     """
     logger = get_run_logger()
     summaries: dict[str, dict[str, Any]] = {}
-    with local_cluster(dask_address) as address:
+    with output_lock(params.output), local_cluster(dask_address) as address:
         logger.info("align_stack: chunk tasks run on the dask cluster at %s", address)
         for name, stage_flow in STAGES.items():
             logger.info("align_stack: stage %s", name)
             summaries[name] = run_stage(stage_flow, params, address)
             _notify(name, summaries[name])
-    summaries["report"] = report_stage(params, summaries)
+    with output_lock(params.output):
+        summaries["report"] = report_stage(params, summaries)
     _notify("report", summaries["report"])
     logger.info("align_stack finished: %s", summaries["report"]["summary"])
     return summaries
