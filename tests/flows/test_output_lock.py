@@ -57,3 +57,17 @@ def test_lock_is_reentrant_in_one_process_and_released(tmp_path):
         assert os.path.getsize(lock_path(out)) > 0  # holder recorded for the message
     assert os.path.getsize(lock_path(out)) == 0
     assert lock_path("gs://bucket/run") is None  # object stores: not locked (see flows.lock)
+
+
+def test_cli_says_the_output_is_in_use(tmp_path, tiny_stack, dask_address, other_run):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["align-stack", "--source", tiny_stack["misaligned"], "--output", str(tmp_path / "run"),
+            "--dask-address", dask_address]
+    for name, value in (("coarse_mip", 2), ("finetune_mip", 1), ("chunk_xy", 64), ("pad", 16)):
+        args += ["--set", f"{name}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "is in use by another sectionflow run" in " ".join(result.output.split())
