@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.layout import Layout
+from flows.lock import output_lock
 from flows.params import AlignParams
 from flows.runtime import local_cluster, task_runner
 from flows.stages import (
@@ -60,8 +61,10 @@ STAGES: dict[str, Any] = {
 
 
 def run_stage(stage_flow: Any, params: Any, dask_address: str) -> dict[str, Any]:
-    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``."""
-    return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
+    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``, holding the
+    output's lock (:mod:`flows.lock`: a second run into the same output refuses)."""
+    with output_lock(params.output):
+        return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
 
 
 def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def align_stack(
     """
     logger = get_run_logger()
     summaries: dict[str, dict[str, Any]] = {}
-    with local_cluster(dask_address) as address:
+    with output_lock(params.output), local_cluster(dask_address) as address:
         logger.info("align_stack: chunk tasks run on the dask cluster at %s", address)
         progress = StageProgress(list(STAGES))
         for name, stage_flow in STAGES.items():
@@ -122,7 +125,8 @@ def align_stack(
             summaries[name] = run_stage(stage_flow, params, address)
             progress.stage_done(name, summaries[name])
             _notify(name, summaries[name])
-    summaries["report"] = report_stage(params, summaries)
+    with output_lock(params.output):
+        summaries["report"] = report_stage(params, summaries)
     progress.stage_done("report", summaries["report"])
     _notify("report", summaries["report"])
     logger.info("align_stack finished: %s", summaries["report"]["summary"])

@@ -26,7 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from emcore.errors import SectionflowError  # noqa: E402
+from emcore.errors import SectionflowError, StorageIOError  # noqa: E402
 
 app = typer.Typer(
     help="sectionflow: align serial-section EM stacks (normalize -> encode -> coarse align -> finetune -> "
@@ -71,6 +71,8 @@ def _fail(exc: Exception) -> None:
             console.print(f"  [red]{where}[/]: {err['msg']}")
     else:
         console.print(f"[bold red]error:[/] {exc}")
+        if isinstance(exc, StorageIOError):
+            console.print("  (after retries; the chunks finished so far are kept: rerun the same command)")
     raise typer.Exit(code=2)
 
 
@@ -117,7 +119,7 @@ def _stage_command(name: str) -> None:
         try:
             params = _params(config, source, output, set_)
             summaries = _run_stages(params, dask_address, [name])
-        except (ValidationError, SectionflowError) as exc:
+        except (ValidationError, SectionflowError, StorageIOError) as exc:
             _fail(exc)
             return
         console.print(_stage_table(summaries))
@@ -185,7 +187,7 @@ def align_stack_command(
         params = _params(config, source, output, set_)
         _print_plan(params)
         summaries = _run_align_stack(params, dask_address)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     console.print(_stage_table({k: v for k, v in summaries.items() if k != "report"}))
@@ -214,7 +216,7 @@ def downsample_command(
         ensure_local_api()
         with local_cluster(dask_address) as address:
             summary = downsample_flow.with_options(task_runner=task_runner(address))(params)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     console.print(_stage_table({"downsample": summary}))
@@ -263,7 +265,7 @@ def demo_command(
         console.print(f"[green]OK[/] demo input: {paths['misaligned']} (known deformation, flows/demo.py)")
         params = demo_params(output, paths)
         summaries = _run_align_stack(params, dask_address)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     report = summaries["report"]

@@ -28,6 +28,7 @@ from emcore.layers import Layer, open_layer
 from emcore.mip_plan import choose_mips
 from emcore.models import load_model
 from emcore.models.refine import LEARNED_METHODS
+from flows.validate import check_inputs
 
 __all__ = ["AlignParams", "DownsampleParams", "load_params"]
 
@@ -169,6 +170,7 @@ class AlignParams(BaseModel):
                     open_layer(path)
                 except SectionflowError as exc:
                     raise ValueError(f"{name}: {exc}") from None
+        check_inputs(self, layer)
         if self.bbox_nm is not None:
             box = self.region(layer, 0)
             if box.is_empty:
