@@ -23,8 +23,9 @@ def test_flags_name_each_reason(tmp_path):
     z, size, chunk = 4, 64, 32
     final = torch.zeros(z, 2, size, size)
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    final[1, 0] = 0.01 * xs  # a smooth field ...
-    final[1, 0, :, 32:] += 0.5  # ... with a jump at the chunk border x = 32: a seam
+    final[1, 0], final[1, 1] = 0.01 * xs, 0.01 * ys  # a smooth field ...
+    final[1, 0, :, 32:] += 0.5  # ... with jumps at the chunk borders x = 32 and y = 32: seams
+    final[1, 1, 32:, :] += 0.5
     final[2, 0] = 4.0 * torch.sin(xs / 3.0) * torch.cos(ys / 3.0)  # strongly warped, folded field
     rows = [{"z": i, "corr_before": 0.3, "corr_after": 0.5} for i in range(z)]
     rows[2]["corr_after"] = 0.1  # worse than before
