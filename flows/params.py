@@ -38,6 +38,10 @@ Mip = Annotated[int, Field(ge=0, le=12)]
 #: (benchmarks/README.md, "Stack benchmark").
 DEFAULT_ANCHOR = 1.0
 
+#: The coarse stage reads whole sections at the coarse mip: the largest side it accepts (px).
+#: 4096^2 float32 images and their FFTs stay under ~1 GiB per worker.
+MAX_COARSE_PX = 4096
+
 
 class AlignParams(BaseModel):
     """Parameters of the alignment pipeline (all stages)."""
@@ -163,6 +167,7 @@ class AlignParams(BaseModel):
         if self.pad > self.chunk_xy:
             raise ValueError(f"pad={self.pad} must not exceed chunk_xy={self.chunk_xy} (context per side)")
         self._check_coarse_model_resolution(layer)
+        self._check_coarse_section_fits(layer)
         for name in ("defects", "true_fields"):
             path = getattr(self, name)
             if path is not None:
@@ -176,6 +181,19 @@ class AlignParams(BaseModel):
             if box.is_empty:
                 raise ValueError(f"bbox_nm {self.bbox_nm} does not overlap the source {layer.bbox}")
         return self
+
+    def _check_coarse_section_fits(self, layer: Layer) -> None:
+        """The coarse stage holds whole sections: at most ``MAX_COARSE_PX`` px per side."""
+        side = max(self.region(layer, self.coarse_mip).shape[:2])
+        if side > MAX_COARSE_PX:
+            fits = next((m for m in range(self.coarse_mip, layer.num_mips)
+                         if max(self.region(layer, m).shape[:2]) <= MAX_COARSE_PX), None)
+            hint = f"use coarse_mip={fits} or coarser" if fits is not None else (
+                "add coarser mips to the source (sectionflow downsample)")
+            raise ValueError(
+                f"coarse_mip={self.coarse_mip} gives sections of {side} px; the coarse stage holds whole "
+                f"sections in memory, up to {MAX_COARSE_PX} px per side: {hint}"
+            )
 
     def _check_coarse_model_resolution(self, layer: Layer) -> None:
         """A learned coarse method needs ``coarse_mip`` within its model's trained resolution range."""
