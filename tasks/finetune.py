@@ -22,7 +22,6 @@ import io
 import numpy as np
 import torch
 from cloudfiles import CloudFiles
-from prefect import task
 
 from emcore.blend import blend_pieces, piece_box
 from emcore.finetune import finetune
@@ -31,7 +30,6 @@ from emcore.layers import open_layer
 from tasks.coarse import section_box
 from tasks.io import read_field, read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["blend_chunk_task", "finetune_chunk_task"]
 
@@ -56,7 +54,6 @@ def _load_piece(pairs: str, chunk: VoxelBox, mip: int) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-@task(name="finetune-chunk", **CHUNK_TASK_OPTIONS)
 def finetune_chunk_task(
     image: str,
     pairs: str,
@@ -133,7 +130,6 @@ def finetune_chunk_task(
     return ChunkOutcome("finetune", f"{z}-{k} {chunk}", "done", detail)
 
 
-@task(name="blend-chunk", **CHUNK_TASK_OPTIONS)
 def blend_chunk_task(
     pairs: str, box: VoxelBox, z: int, k: int, mip: int, *, margin: int, bounds: VoxelBox,
     cores: list[VoxelBox], inputs: str,

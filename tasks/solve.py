@@ -17,7 +17,6 @@ then crops the context and writes ``G[z]`` for every section into ``<out>/fields
 from __future__ import annotations
 
 import torch
-from prefect import task
 
 from emcore.field import compose
 from emcore.geometry import VoxelBox
@@ -26,7 +25,6 @@ from emcore.stack_solve import sequential_composition, solve_stack
 from emcore.vector_vote import vector_vote
 from tasks.io import read_field
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["solve_chunk_task", "vote_weights"]
 
@@ -56,7 +54,6 @@ def vote_weights(
     return weights
 
 
-@task(name="solve-chunk", **CHUNK_TASK_OPTIONS)
 def solve_chunk_task(
     pair_layers: dict[int, str],
     output: str,
