@@ -234,29 +234,31 @@ def _run_block(block: _Block) -> list[Any]:
     art_step = max(1, n // 10)
     finished = 0
     try:
-        for future in as_completed(futures, loop=client.loop):
+        for batch in as_completed(futures, loop=client.loop, with_results=True).batches():
             if block.tracker.failed.is_set():
                 raise ChunkFailedError(f"{block.name}: stopped, another block of {block.label} failed")
-            try:
-                results[index[future.key]] = future.result()
-            except KilledWorker as exc:
-                raise ChunkFailedError(
-                    f"{block.name}: a chunk of {block.fn.__name__} killed its dask worker twice or more "
-                    f"({exc}); most often the worker's memory limit: lower chunk_xy or give the workers "
-                    "more memory (cluster.memory_limit, dask worker --memory-limit)"
-                ) from None
-            future.release()
-            finished += 1
-            block.tracker.add()
-            if artifact is not None and (finished % art_step == 0 or finished == n):
+            for future, result in batch:
+                results[index[future.key]] = result
+            before, finished = finished, finished + len(batch)
+            block.tracker.add(len(batch))
+            if artifact is not None and (finished // art_step != before // art_step or finished == n):
                 with contextlib.suppress(Exception):
                     update_progress_artifact(artifact, 100.0 * finished / n)
-            if finished % log_step == 0 and finished < n:
+            if finished // log_step != before // log_step and finished < n:
                 logger.info("%s: %d/%d chunks finished", block.name, finished, n)
+    except KilledWorker as exc:
+        block.tracker.failed.set()
+        client.cancel(futures)
+        raise ChunkFailedError(
+            f"{block.name}: a chunk of {block.fn.__name__} killed its dask worker more than once "
+            f"({exc}); most often the worker's memory limit: lower chunk_xy or give the workers "
+            "more memory (cluster.memory_limit, dask worker --memory-limit)"
+        ) from None
     except BaseException:
         block.tracker.failed.set()
         client.cancel(futures)
         raise
+    del futures, index
     seconds = time.perf_counter() - start
     logger.info("%s: %s in %.1f s (%.1f ms per chunk)", block.name, _counts(results), seconds,
                 1e3 * seconds / max(n, 1))  # fmt: skip

@@ -35,7 +35,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emcore.errors import SectionflowError
 
@@ -78,6 +78,20 @@ def default_workers() -> int:
     return max(2, (os.cpu_count() or 2) // 2)
 
 
+def _import_class(name: str) -> Callable[..., Any]:
+    """The class named ``pkg.module.Class``; ``ValueError`` saying what to install if it is missing."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise ValueError(f"{name!r}: give a qualified name such as distributed.LocalCluster")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        pip = {"dask_jobqueue": "dask-jobqueue", "dask_kubernetes": "dask-kubernetes"}
+        hint = pip.get(module.split(".")[0])
+        extra = f" (pip install {hint})" if hint else ""
+        raise ValueError(f"{name!r} cannot be imported: {exc}{extra}") from None
+
+
 class ClusterConfig(BaseModel):
     """The dask cluster of a run (the ``cluster:`` section of a config file).
 
@@ -104,6 +118,13 @@ class ClusterConfig(BaseModel):
         "auto", description="default LocalCluster: memory limit per worker ('auto' = RAM / n_workers, '4GiB')"
     )
 
+    @field_validator("cluster_class")
+    @classmethod
+    def _importable(cls, name: str | None) -> str | None:
+        if name is not None:
+            _import_class(name)  # fail before anything starts, with what to install
+        return name
+
     @model_validator(mode="after")
     def _one_kind(self) -> ClusterConfig:
         if self.address and self.cluster_class:
@@ -123,17 +144,6 @@ def _cluster_kwargs(n_workers: int | None, memory_limit: str | float | int = "au
     }
 
 
-def _import_class(name: str) -> Callable[..., Any]:
-    module, _, attr = name.rpartition(".")
-    if not module:
-        raise ClusterError(f"cluster.cluster_class {name!r}: give a qualified name: pkg.Class")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        pip = {"dask_jobqueue": "dask-jobqueue", "dask_kubernetes": "dask-kubernetes"}
-        hint = pip.get(module.split(".")[0])
-        extra = f" (pip install {hint})" if hint else ""
-        raise ClusterError(f"cluster.cluster_class {name!r} cannot be imported: {exc}{extra}") from None
 
 
 # -- the current cluster of this process ------------------------------------------------------------
@@ -153,6 +163,15 @@ def use_cluster(address: str) -> Iterator[str]:
     finally:
         with _LOCK:
             _CURRENT.remove(address)
+
+
+def _forget_client(address: str) -> None:
+    """Close the cached client of a cluster that is going away (before it goes)."""
+    with _LOCK:
+        client = _CLIENTS.pop(address, None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def _close_clients() -> None:
@@ -225,8 +244,11 @@ def cluster(config: ClusterConfig | str | None = None) -> Iterator[str]:
     with started:
         if config.adapt_kwargs:
             started.adapt(**config.adapt_kwargs)
-        with use_cluster(started.scheduler_address) as address:
-            yield address
+        try:
+            with use_cluster(started.scheduler_address) as address:
+                yield address
+        finally:
+            _forget_client(started.scheduler_address)
 
 
 @contextlib.contextmanager
