@@ -87,7 +87,11 @@ def _cluster_config(config: Path | None, cluster_file: Path | None, dask_address
         try:
             return ClusterConfig(**section)
         except ValidationError as exc:
-            msgs = "; ".join(f"cluster.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            msgs = "; ".join(
+                f"cluster.{'.'.join(map(str, e['loc'])) or 'section'}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
             raise _ConfigError(f"{path}: {msgs}") from None
     return ClusterConfig()
 
