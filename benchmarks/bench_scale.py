@@ -1,7 +1,7 @@
 """Scale benchmark: ``align_stack`` on growing stacks, new design (blocks of dask futures) vs old
 (one Prefect task per chunk), in the same run.
 
-    python -m benchmarks.bench_scale --quick            # 512^2 and 1024^2 px x 4 sections (`make bench`)
+    python -m benchmarks.bench_scale --quick            # 512^2 and 1024^2 px x 2 sections (`make bench`)
     python -m benchmarks.bench_scale                    # 1k^2, 2k^2, 4k^2 px x 8, 32, 128 sections
     python -m benchmarks.bench_scale --sizes 1024 --sections 8 --modes blocks
 
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
-QUICK = {"sizes": [512, 1024], "sections": [4]}
-FULL = {"sizes": [1024, 2048, 4096], "sections": [8, 32, 128]}
+QUICK = {"sizes": [512, 1024], "sections": [2], "noop": 100}
+FULL = {"sizes": [1024, 2048, 4096], "sections": [8, 32, 128], "noop": 2000}
 MAX_SHIFT = 16
 
 
@@ -227,12 +227,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512^2 and 1024^2 px x 4 sections")
+    parser.add_argument("--quick", action="store_true", help="small: see QUICK")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--sections", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--modes", default="blocks,tasks", help="blocks (new), tasks (old), comma separated")
     parser.add_argument("--num-iter", type=int, default=20)
-    parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 500 / 2000)")
+    parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000)")
     parser.add_argument("--case", nargs=3, metavar=("SIZE", "SECTIONS", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-case", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,7 +247,7 @@ def main() -> int:
     sizes, sections = args.sizes or base["sizes"], args.sections or base["sections"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
-    noop = args.noop_chunks or (500 if args.quick else 2000)
+    noop = args.noop_chunks or base["noop"]
     overhead = [_subprocess(["--overhead-case", str(noop), mode], f"noop_{mode}", mode)
                 for mode in ["dask", *modes]]  # fmt: skip
     rows = [

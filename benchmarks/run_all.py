@@ -1,4 +1,5 @@
-"""Run the finetuner benchmarks: loss kernels (bench_kernels) and accuracy/speed vs peers (bench_finetune).
+"""Run the benchmarks: loss kernels (bench_kernels), accuracy/speed vs peers (bench_finetune) and the
+orchestration at scale (bench_scale: blocks of dask futures vs one Prefect task per chunk).
 
     .venv/bin/python -m benchmarks.run_all --quick   # bundled data, short runs (`make bench`)
     .venv/bin/python -m benchmarks.run_all           # shared real EM data, full runs
@@ -14,12 +15,12 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench_kernels", "bench_finetune")
+BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_scale")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bundled data, short runs (< 2 minutes each)")
+    parser.add_argument("--quick", action="store_true", help="bundled data, short runs (a few minutes each)")
     parser.add_argument("--only", choices=BENCHMARKS, action="append", help="run only these (repeatable)")
     args = parser.parse_args()
     failed = []
