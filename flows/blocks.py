@@ -17,9 +17,11 @@ own errors are not.
 
 Progress, updated as chunk futures complete:
 
-* per block: a Prefect progress artifact (``"<label> <i>/<n>: chunks finished"``) and log lines
-  (every ~25 % of a large block, and one when it finishes: chunks computed / skipped, seconds);
-* per call: a progress artifact ``"<label>: chunks finished"`` on the flow run;
+* per block: log lines (every ~25 % of a large block, and one when it finishes: chunks computed /
+  skipped, seconds, ms per chunk) and, when the call has more than one block, a Prefect progress
+  artifact ``"<label> <i>/<n>: chunks finished"``;
+* per call: a progress artifact ``"<label>: chunks finished"`` on the flow run (artifacts are
+  updated every ~10 %, at most once a second, and at 100 %);
 * in this process: :func:`progress_hook` callbacks (the CLI draws a live rich bar with an ETA).
 
 Paths: every ``file://`` path in the kwargs is made absolute (:func:`absolute_paths`) before it is
@@ -71,6 +73,7 @@ __all__ = [
 BLOCK_ENV = "SECTIONFLOW_BLOCK_CHUNKS"
 DEFAULT_BLOCK_CHUNKS = 1024
 BLOCKS_IN_FLIGHT = 4
+ARTIFACT_EVERY_S = 1.0  # progress artifacts are updated every ~10 %, at most once a second, and at 100 %
 _LOG = logging.getLogger("sectionflow.blocks")
 
 
@@ -161,6 +164,7 @@ class _Tracker:
         self.failed = threading.Event()
         self._lock = threading.Lock()
         self._step = max(1, total // 10)
+        self._updated = 0.0
         self._artifact = None
         if _prefect_context():
             with contextlib.suppress(Exception):  # artifacts are a convenience, never fail a run
@@ -175,7 +179,11 @@ class _Tracker:
     def add(self, n: int = 1) -> None:
         with self._lock:
             before, self.done = self.done, self.done + n
-            crossed = before // self._step != self.done // self._step or self.done == self.total
+            now = time.perf_counter()
+            step = before // self._step != self.done // self._step
+            crossed = (step and now - self._updated >= ARTIFACT_EVERY_S) or self.done == self.total
+            if crossed:
+                self._updated = now
         self._notify()
         if crossed and self._artifact is not None:
             with contextlib.suppress(Exception):
@@ -221,9 +229,10 @@ def _run_block(block: _Block) -> list[Any]:
     logger = _logger()
     n = len(block.kwargs)
     artifact = None
-    if _prefect_context():
+    if block.count > 1 and _prefect_context():  # one block: the call's own artifact says it all
         with contextlib.suppress(Exception):
             artifact = create_progress_artifact(0.0, description=f"{block.name}: chunks finished")
+    updated = 0.0
     client = dask_client()
     futures = client.map(
         functools.partial(call_with_retries, block.fn), block.kwargs, pure=False, key=block.fn.__name__
@@ -241,7 +250,10 @@ def _run_block(block: _Block) -> list[Any]:
                 results[index[future.key]] = result
             before, finished = finished, finished + len(batch)
             block.tracker.add(len(batch))
-            if artifact is not None and (finished // art_step != before // art_step or finished == n):
+            now = time.perf_counter()
+            due = finished // art_step != before // art_step and now - updated >= ARTIFACT_EVERY_S
+            if artifact is not None and (due or finished == n):
+                updated = now
                 with contextlib.suppress(Exception):
                     update_progress_artifact(artifact, 100.0 * finished / n)
             if finished // log_step != before // log_step and finished < n:
