@@ -206,6 +206,23 @@ def run_overhead(n: int, mode: str) -> dict[str, Any]:
     return {"mode": mode, "noop_chunks": n, "seconds": seconds, "ms_per_chunk": 1e3 * seconds / n}
 
 
+NAMES = {"dask": "plain client.map (floor)", "blocks": "blocks (new)", "tasks": "task per chunk (old)"}
+
+
+def noop_table(rows: list[dict[str, Any]]) -> str:
+    """No-op chunks: wall, ms per chunk, and for two counts of one design the slope (ms per extra chunk)."""
+    lines = ["| design | no-op chunks | s | ms per chunk | ms per extra chunk |", "|---|---|---|---|---|"]
+    for r in rows:
+        same = [o for o in rows if o["mode"] == r["mode"] and o["noop_chunks"] < r["noop_chunks"]]
+        slope = ""
+        if same:
+            o = same[-1]
+            slope = f"{1e3 * (r['seconds'] - o['seconds']) / (r['noop_chunks'] - o['noop_chunks']):.2f}"
+        lines.append(f"| {NAMES[r['mode']]} | {r['noop_chunks']} | {r['seconds']:.2f} "
+                     f"| {r['ms_per_chunk']:.2f} | {slope} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 # -- the table -------------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
@@ -214,7 +231,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        design = "blocks (new)" if r["mode"] == "blocks" else "task per chunk (old)"
+        design = NAMES[r["mode"]]
         lines.append(
             f"| {r['size']}^2 x {r['sections']} | {design} | {r['chunks']} | {r['first_s']:.1f} "
             f"| {r['first_s'] / r['mpx']:.2f} | {r['rerun_s']:.1f} "
@@ -248,8 +265,10 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
     noop = args.noop_chunks or base["noop"]
-    overhead = [_subprocess(["--overhead-case", str(noop), mode], f"noop_{mode}", mode)
-                for mode in ["dask", *modes]]  # fmt: skip
+    # fixed cost + per-chunk cost: the fast designs also at 10x the chunks (the slope is the per-chunk cost)
+    overhead = [_subprocess(["--overhead-case", str(count), mode], f"noop{count}_{mode}", mode)
+                for mode in ["dask", *modes]
+                for count in ([noop] if mode == "tasks" else [noop, 10 * noop])]  # fmt: skip
     rows = [
         _subprocess(["--case", str(size), str(n), mode, "--num-iter", str(args.num_iter)],
                     f"{size}x{n}_{mode}", mode)
@@ -259,11 +278,7 @@ def main() -> int:
     ]
     (RESULTS / "scale.json").write_text(json.dumps({"noop": overhead, "stacks": rows}, indent=1))
     print()
-    print("| design | no-op chunks | s | ms per chunk |\n|---|---|---|---|")
-    names = {"dask": "plain client.map (floor)", "blocks": "blocks (new)", "tasks": "task per chunk (old)"}
-    for r in overhead:
-        design = names[r["mode"]]
-        print(f"| {design} | {r['noop_chunks']} | {r['seconds']:.1f} | {r['ms_per_chunk']:.2f} |")
+    print(noop_table(overhead))
     print()
     print(table(rows))
     return 0
