@@ -189,8 +189,8 @@ def _close_clients() -> None:
 def dask_client() -> Any:
     """A ``distributed.Client`` to the current cluster (:func:`use_cluster`), cached per address.
 
-    Without a current cluster: the default client if there is one (e.g. inside a dask worker), else
-    a LocalCluster started once for this process (a stage flow run alone, e.g. from a deployment).
+    Without a current cluster: inside a dask task, its worker's client; else a LocalCluster started
+    once for this process (a stage flow run alone, e.g. from a deployment), closed at exit.
     """
     global _IMPLICIT
     import distributed
@@ -199,6 +199,7 @@ def dask_client() -> Any:
         address = _CURRENT[-1] if _CURRENT else None
         if address is None:
             try:
+                distributed.get_worker()  # inside a dask task: its worker's client
                 return distributed.get_client()
             except ValueError:
                 pass

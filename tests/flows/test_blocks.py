@@ -128,3 +128,13 @@ def test_absolute_paths():
     assert same is shared  # nothing to resolve: the same object (pickled once for all chunks)
     out = absolute_paths({"layers": {1: "file://x"}, "pairs": [(1, 2)], "mode": "classical"})
     assert out == {"layers": {1: f"file://{cwd}/x"}, "pairs": [(1, 2)], "mode": "classical"}
+
+
+def test_without_a_current_cluster_a_local_one_is_started_for_the_process():
+    from flows import runtime
+
+    try:
+        assert [r["y"] for r in run_chunks(chunkfns.square, [{"x": 3}], "alone")] == [9]
+        assert runtime._IMPLICIT is not None  # a stage flow run alone (e.g. from a deployment)
+    finally:
+        runtime._close_clients()
