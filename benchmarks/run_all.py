@@ -1,4 +1,6 @@
-"""Run the benchmarks: loss kernels, finetuner vs peers (bench_finetune), stacks (bench_stack).
+"""Run the benchmarks: loss kernels (bench_kernels), finetuner vs peers (bench_finetune), stacks vs
+chained elastix (bench_stack) and the orchestration at scale (bench_scale: blocks of dask futures vs
+one Prefect task per chunk).
 
     .venv/bin/python -m benchmarks.run_all --quick   # short runs (`make bench`): bundled data, and
                                                      # 3 sections per shared stack (bench_stack)
@@ -15,12 +17,12 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_stack")
+BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_stack", "bench_scale")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bundled data, short runs (< 2 minutes each)")
+    parser.add_argument("--quick", action="store_true", help="bundled data, short runs (a few minutes each)")
     parser.add_argument("--only", choices=BENCHMARKS, action="append", help="run only these (repeatable)")
     args = parser.parse_args()
     failed = []

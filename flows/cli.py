@@ -4,9 +4,14 @@
 (``normalize``, ``encode``, ``coarse-align``, ``finetune``, ``solve``, ``render``, ``downsample``),
 ``import-stack`` and ``serve``. Stage commands take ``--config`` (a YAML file of
 :class:`flows.params.AlignParams`), ``--source``/``--output`` and ``--set name=value`` overrides;
-parameters are validated before anything runs. ``--dask-address`` runs the chunk tasks on an existing
-dask cluster instead of a LocalCluster. Without a configured ``PREFECT_API_URL`` the commands start
+parameters are validated before anything runs. ``--dask-address`` runs the chunks on an existing
+dask cluster instead of a LocalCluster; a ``cluster:`` section in the config file (or a file given
+with ``--cluster-config``, see ``configs/cluster_*.yaml``) starts a cluster class instead
+(:class:`flows.runtime.ClusterConfig`). Without a configured ``PREFECT_API_URL`` the commands start
 Prefect's embedded temporary API for the run.
+
+While a stage runs, a live progress bar per group of chunks (with its ETA) shows the chunks
+finished; each stage's ``OK`` line gives its own duration.
 """
 
 from __future__ import annotations
@@ -43,6 +48,52 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a parameter: name=value (YAML value)")
 ]
 DaskOpt = Annotated[str | None, typer.Option(help="scheduler address of an existing dask cluster")]
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option("--cluster-config", help="YAML file with the cluster section (configs/cluster_*.yaml)"),
+]
+
+
+class _ConfigError(SectionflowError):
+    """A config file that cannot be used (named in the message)."""
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise _ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise _ConfigError(f"config file {path}: expected a mapping of parameter names to values")
+    return data
+
+
+def _cluster_config(config: Path | None, cluster_file: Path | None, dask_address: str | None) -> Any:
+    """The run's :class:`~flows.runtime.ClusterConfig`: ``--dask-address``, else the ``cluster:``
+    section of ``--cluster-config`` or of ``--config``, else the default LocalCluster."""
+    from flows.runtime import ClusterConfig
+
+    if dask_address:
+        return ClusterConfig(address=dask_address)
+    for path in (cluster_file, config):
+        if path is None:
+            continue
+        data = _yaml(path)
+        section = data.get("cluster", data if path == cluster_file else None)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise _ConfigError(f"{path}: the cluster section must be a mapping (see configs/cluster_*.yaml)")
+        try:
+            return ClusterConfig(**section)
+        except ValidationError as exc:
+            msgs = "; ".join(
+                f"cluster.{'.'.join(map(str, e['loc'])) or 'section'}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            )
+            raise _ConfigError(f"{path}: {msgs}") from None
+    return ClusterConfig()
 
 
 def _params(config: Path | None, source: str | None, output: str | None, overrides: list[str] | None) -> Any:
@@ -50,7 +101,8 @@ def _params(config: Path | None, source: str | None, output: str | None, overrid
 
     data: dict[str, Any] = {}
     if config is not None:
-        data = yaml.safe_load(config.read_text()) or {}
+        data = _yaml(config)
+        data.pop("cluster", None)  # the cluster section: _cluster_config
     for item in overrides or []:
         if "=" not in item:
             raise typer.BadParameter(f"--set expects name=value, got {item!r}")
@@ -89,22 +141,71 @@ def _stage_table(summaries: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-def _run_stages(params: Any, dask_address: str | None, names: list[str]) -> dict[str, dict[str, Any]]:
+class _ChunkBars:
+    """A live rich progress bar (chunks finished, elapsed, ETA) per :func:`flows.blocks.run_chunks` call."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("  {task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, event: Any) -> None:
+        bar = self._bars.get(event.label)
+        if bar is None or event.done == 0:
+            bar = self._bars[event.label] = self.progress.add_task(event.label, total=max(event.total, 1))
+        self.progress.update(bar, completed=event.done if event.total else 1)
+
+    def __enter__(self) -> _ChunkBars:
+        from flows.blocks import progress_hook
+
+        self._hook = progress_hook(self)
+        self._hook.__enter__()
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+        self._hook.__exit__(*exc)
+
+
+def _ok_line(stage: str, summary: dict[str, Any], seconds: float | None) -> str:
+    took = f"  [dim]({seconds:.1f} s)[/]" if seconds is not None else ""
+    return (
+        f"[green]OK[/] {stage}: {summary.get('done', 0)} chunks computed, "
+        f"{summary.get('skipped', 0)} skipped{took}"
+    )
+
+
+def _run_stages(params: Any, cluster_config: Any, names: list[str]) -> dict[str, dict[str, Any]]:
     from flows.align_stack import STAGES, run_stage
-    from flows.runtime import ensure_local_api, local_cluster
+    from flows.runtime import cluster, ensure_local_api
 
     ensure_local_api()
     summaries: dict[str, dict[str, Any]] = {}
-    with local_cluster(dask_address) as address:
+    with cluster(cluster_config) as address:
+        console.print(f"chunks run on the dask cluster at {address}")
         for name in names:
             start = time.perf_counter()
-            with console.status(f"[bold]{name}[/] running on {address} ..."):
+            with _ChunkBars():
                 summaries[name] = run_stage(STAGES[name], params, address)
-            s = summaries[name]
-            console.print(
-                f"[green]OK[/] {name}: {s['done']} chunks computed, {s['skipped']} skipped "
-                f"({time.perf_counter() - start:.1f} s)"
-            )
+            console.print(_ok_line(name, summaries[name], time.perf_counter() - start))
     return summaries
 
 
@@ -115,10 +216,12 @@ def _stage_command(name: str) -> None:
         output: OutputOpt = None,
         set_: SetOpt = None,
         dask_address: DaskOpt = None,
+        cluster_config: ClusterOpt = None,
     ) -> None:
         try:
             params = _params(config, source, output, set_)
-            summaries = _run_stages(params, dask_address, [name])
+            clusters = _cluster_config(config, cluster_config, dask_address)
+            summaries = _run_stages(params, clusters, [name])
         except (ValidationError, SectionflowError, StorageIOError) as exc:
             _fail(exc)
             return
@@ -132,21 +235,21 @@ for _name in ("normalize", "encode", "coarse_align", "finetune", "solve", "rende
     _stage_command(_name)
 
 
-def _run_align_stack(params: Any, dask_address: str | None) -> dict[str, dict[str, Any]]:
+def _run_align_stack(params: Any, cluster_config: Any) -> dict[str, dict[str, Any]]:
     from flows.align_stack import align_stack, stage_hook
     from flows.runtime import ensure_local_api
 
     ensure_local_api()
-    started = time.perf_counter()
+    last = [time.perf_counter()]
 
     def progress(stage: str, summary: dict[str, Any]) -> None:
-        console.print(
-            f"[green]OK[/] {stage}: {summary.get('done', 0)} chunks computed, "
-            f"{summary.get('skipped', 0)} skipped  [dim]({time.perf_counter() - started:.0f} s)[/]"
-        )
+        now = time.perf_counter()
+        seconds = summary.get("seconds", now - last[0])
+        last[0] = now
+        bars.progress.console.print(_ok_line(stage, summary, seconds))
 
-    with stage_hook(progress):
-        return align_stack(params, dask_address=dask_address)
+    with _ChunkBars() as bars, stage_hook(progress):
+        return align_stack(params, cluster_config=cluster_config)
 
 
 def _print_plan(params: Any) -> None:
@@ -181,12 +284,13 @@ def align_stack_command(
     output: OutputOpt = None,
     set_: SetOpt = None,
     dask_address: DaskOpt = None,
+    cluster_config: ClusterOpt = None,
 ) -> None:
     """Align a stack end to end: every stage, then the report in <output>/report/."""
     try:
         params = _params(config, source, output, set_)
         _print_plan(params)
-        summaries = _run_align_stack(params, dask_address)
+        summaries = _run_align_stack(params, _cluster_config(config, cluster_config, dask_address))
     except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
@@ -205,17 +309,20 @@ def downsample_command(
     src_mip: int = 0,
     dst_mip: Annotated[int | None, typer.Option()] = None,
     dask_address: DaskOpt = None,
+    cluster_config: ClusterOpt = None,
 ) -> None:
     """Fill the coarser mips of a layer from src_mip."""
+    from flows.align_stack import run_stage
     from flows.params import DownsampleParams
-    from flows.runtime import ensure_local_api, local_cluster, task_runner
+    from flows.runtime import cluster, ensure_local_api
     from flows.stages import downsample_flow
 
     try:
         params = DownsampleParams(layer=layer, src_mip=src_mip, dst_mip=dst_mip)
+        clusters = _cluster_config(None, cluster_config, dask_address)
         ensure_local_api()
-        with local_cluster(dask_address) as address:
-            summary = downsample_flow.with_options(task_runner=task_runner(address))(params)
+        with cluster(clusters) as address, _ChunkBars():
+            summary = run_stage(downsample_flow, params, address)
     except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
@@ -254,6 +361,7 @@ def import_stack_command(
 def demo_command(
     output: Annotated[Path, typer.Option(help="demo directory")] = Path("demo_output"),
     dask_address: DaskOpt = None,
+    cluster_config: ClusterOpt = None,
 ) -> None:
     """Misalign the bundled real EM stack by a known deformation, align it back, print the report."""
     from flows.demo import demo_params, prepare_demo, residual_line, verdict_line
@@ -264,7 +372,7 @@ def demo_command(
             paths = prepare_demo(output)
         console.print(f"[green]OK[/] demo input: {paths['misaligned']} (known deformation, flows/demo.py)")
         params = demo_params(output, paths)
-        summaries = _run_align_stack(params, dask_address)
+        summaries = _run_align_stack(params, _cluster_config(None, cluster_config, dask_address))
     except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return

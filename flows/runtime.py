@@ -1,11 +1,20 @@
-"""Where flows run: the dask cluster behind Prefect's task runner, and the local Prefect API.
+"""Where flows run: the dask cluster that computes the chunks, and the local Prefect API.
 
-* :func:`task_runner` - a ``prefect_dask.DaskTaskRunner`` on an existing cluster (``address``) or
-  a new ``distributed.LocalCluster`` sized to the machine: one single-threaded worker process
-  per 2 cores... at least 2 workers (2 workers x 1 thread on a 2-core machine), so torch in each
-  task uses one thread and peak memory per worker is bounded by one chunk.
-* :func:`local_cluster` - a context manager starting that LocalCluster once, so the stage flows of
-  one ``align_stack`` run share it instead of each starting their own.
+* :class:`ClusterConfig` - which cluster: an existing scheduler (``address``), or a cluster class
+  started for the run (``cluster_class`` + ``cluster_kwargs``, optional adaptive scaling
+  ``adapt_kwargs``: dask-jobqueue's ``SLURMCluster``, dask-kubernetes' ``KubeCluster``, ...), or by
+  default a ``distributed.LocalCluster`` sized to the machine (one single-threaded worker process
+  per 2 cores, at least 2) with a memory limit per worker. The ``cluster:`` section of a config
+  file (see ``configs/cluster_*.yaml``) is this model.
+* :func:`cluster` - a context manager starting that cluster once (or connecting to ``address``),
+  making it the current one for :func:`dask_client` (and so for :func:`flows.blocks.run_chunks`),
+  and yielding its scheduler address. :func:`local_cluster` is the same for an address or the
+  default LocalCluster.
+* :func:`use_cluster` / :func:`dask_client` - the current cluster of this process and a
+  (cached, thread-safe) ``distributed.Client`` to it.
+* :func:`stage_task_runner` - the Prefect task runner of the stage flows: threads in the flow's
+  process (their block tasks only wait for dask futures), or, on the old one-task-per-chunk path
+  (``SECTIONFLOW_CHUNK_MODE=tasks``, benchmark comparison only), a ``prefect_dask.DaskTaskRunner``.
 * :func:`ensure_local_api` - when no ``PREFECT_API_URL`` is configured, start Prefect's embedded
   temporary API server once in this process and export its URL, so the dask worker processes
   report to the same API instead of each starting their own. It gives the server
@@ -15,35 +24,53 @@
   ``~/.prefect/prefect.db`` and answer ``503``), raises the client's retries of transient API
   errors (``PREFECT_CLIENT_MAX_RETRIES``, default 10 here) for the processes started after it, and
   logs all three.
-* :func:`wait_all` - wait for submitted chunk tasks, logging progress, and return their results.
+* :func:`wait_all` - wait for submitted Prefect chunk tasks (old path), logging progress.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from emcore.errors import SectionflowError
 
 __all__ = [
+    "CHUNK_MODE_ENV",
     "DEFAULT_CLIENT_RETRIES",
     "DEFAULT_STARTUP_TIMEOUT_S",
+    "ClusterConfig",
+    "chunk_mode",
+    "cluster",
+    "dask_client",
     "default_workers",
     "ensure_local_api",
     "local_cluster",
     "run_database_url",
+    "stage_task_runner",
     "startup_timeout",
     "task_runner",
+    "use_cluster",
     "wait_all",
 ]
+
+CHUNK_MODE_ENV = "SECTIONFLOW_CHUNK_MODE"
+"""``blocks`` (default: a Prefect task per block of chunks, chunks as dask futures) or ``tasks`` (the
+old design, one Prefect task per chunk; kept only for the benchmark comparison)."""
 
 _SERVER: Any = None
 DEFAULT_STARTUP_TIMEOUT_S = 300
@@ -56,38 +83,216 @@ _DB_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE
 _log = logging.getLogger("sectionflow.runtime")
 
 
+class ClusterError(SectionflowError):
+    """A cluster that cannot be started (unknown class, bad kwargs)."""
+
+
+def chunk_mode() -> str:
+    """``"blocks"`` or ``"tasks"`` from ``$SECTIONFLOW_CHUNK_MODE`` (see :data:`CHUNK_MODE_ENV`)."""
+    mode = os.environ.get(CHUNK_MODE_ENV, "blocks").strip().lower() or "blocks"
+    if mode not in ("blocks", "tasks"):
+        raise ClusterError(f"${CHUNK_MODE_ENV}={mode!r}: expected 'blocks' (default) or 'tasks'")
+    return mode
+
+
 def default_workers() -> int:
     """Worker processes for a LocalCluster: ``max(2, cpu_count // 2)``, one thread each."""
     return max(2, (os.cpu_count() or 2) // 2)
 
 
-def _cluster_kwargs(n_workers: int | None) -> dict[str, Any]:
+def _import_class(name: str) -> Callable[..., Any]:
+    """The class named ``pkg.module.Class``; ``ValueError`` saying what to install if it is missing."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise ValueError(f"{name!r}: give a qualified name such as distributed.LocalCluster")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        pip = {"dask_jobqueue": "dask-jobqueue", "dask_kubernetes": "dask-kubernetes"}
+        hint = pip.get(module.split(".")[0])
+        extra = f" (pip install {hint})" if hint else ""
+        raise ValueError(f"{name!r} cannot be imported: {exc}{extra}") from None
+
+
+class ClusterConfig(BaseModel):
+    """The dask cluster of a run (the ``cluster:`` section of a config file).
+
+    Exactly one of: ``address`` (an existing scheduler, e.g. ``tcp://scheduler:8786``; its workers'
+    memory limits are set where they are started: ``dask worker --memory-limit 8GiB``), or
+    ``cluster_class`` (a qualified class name such as ``dask_jobqueue.SLURMCluster``, instantiated
+    with ``cluster_kwargs``, then ``cluster.adapt(**adapt_kwargs)`` if given), or neither: a
+    ``distributed.LocalCluster`` of ``n_workers`` single-threaded processes with ``memory_limit``
+    each (dask spills at 60 %, pauses a worker at 80 % and restarts it at 95 % of it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="scheduler address of an existing dask cluster")
+    cluster_class: str | None = Field(
+        None, description="qualified cluster class, e.g. dask_jobqueue.SLURMCluster, distributed.LocalCluster"
+    )
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="kwargs of cluster_class")
+    adapt_kwargs: dict[str, Any] | None = Field(
+        None, description="adaptive scaling: cluster.adapt(**adapt_kwargs), e.g. {minimum: 1, maximum: 20}"
+    )
+    n_workers: int | None = Field(None, gt=0, description="default LocalCluster: worker processes")
+    memory_limit: str | float | int = Field(
+        "auto", description="default LocalCluster: memory limit per worker ('auto' = RAM / n_workers, '4GiB')"
+    )
+
+    @field_validator("cluster_class")
+    @classmethod
+    def _importable(cls, name: str | None) -> str | None:
+        if name is not None:
+            _import_class(name)  # fail before anything starts, with what to install
+        return name
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ClusterConfig:
+        if self.address and self.cluster_class:
+            raise ValueError("cluster: give either address (an existing scheduler) or cluster_class")
+        if (self.cluster_kwargs or self.adapt_kwargs) and not self.cluster_class:
+            raise ValueError("cluster: cluster_kwargs / adapt_kwargs need a cluster_class")
+        return self
+
+
+def _cluster_kwargs(n_workers: int | None, memory_limit: str | float | int = "auto") -> dict[str, Any]:
     return {
         "n_workers": n_workers or default_workers(),
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
+        "memory_limit": memory_limit,
     }
 
 
+
+
+# -- the current cluster of this process ------------------------------------------------------------
+_LOCK = threading.Lock()
+_CURRENT: list[str] = []
+_CLIENTS: dict[str, Any] = {}
+_IMPLICIT: Any = None
+
+
+@contextlib.contextmanager
+def use_cluster(address: str) -> Iterator[str]:
+    """Make the scheduler at ``address`` this process's current cluster for the block."""
+    with _LOCK:
+        _CURRENT.append(address)
+    try:
+        yield address
+    finally:
+        with _LOCK:
+            _CURRENT.remove(address)
+
+
+def _forget_client(address: str) -> None:
+    """Close the cached client of a cluster that is going away (before it goes)."""
+    with _LOCK:
+        client = _CLIENTS.pop(address, None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def _close_clients() -> None:
+    global _IMPLICIT
+    for client in list(_CLIENTS.values()):
+        with contextlib.suppress(Exception):
+            client.close()
+    _CLIENTS.clear()
+    if _IMPLICIT is not None:
+        with contextlib.suppress(Exception):
+            _IMPLICIT.close()
+        _IMPLICIT = None
+
+
+def dask_client() -> Any:
+    """A ``distributed.Client`` to the current cluster (:func:`use_cluster`), cached per address.
+
+    Without a current cluster: inside a dask task, its worker's client; else a LocalCluster started
+    once for this process (a stage flow run alone, e.g. from a deployment), closed at exit.
+    """
+    global _IMPLICIT
+    import distributed
+
+    with _LOCK:
+        address = _CURRENT[-1] if _CURRENT else None
+        if address is None:
+            try:
+                distributed.get_worker()  # inside a dask task: its worker's client
+                return distributed.get_client()
+            except ValueError:
+                pass
+            if _IMPLICIT is None:
+                os.environ.setdefault("OMP_NUM_THREADS", "1")
+                _IMPLICIT = distributed.LocalCluster(**_cluster_kwargs(None))
+                atexit.register(_close_clients)
+            address = _IMPLICIT.scheduler_address
+        client = _CLIENTS.get(address)
+        if client is None or client.status in ("closed", "closing"):
+            client = distributed.Client(address, set_as_default=False)
+            _CLIENTS[address] = client
+            if len(_CLIENTS) == 1 and _IMPLICIT is None:
+                atexit.register(_close_clients)
+        return client
+
+
+@contextlib.contextmanager
+def cluster(config: ClusterConfig | str | None = None) -> Iterator[str]:
+    """Start (or connect to) the cluster of ``config`` for the block; yield its scheduler address.
+
+    ``config`` may be a :class:`ClusterConfig`, an address string, or ``None`` (default
+    LocalCluster). The cluster is the current one (:func:`dask_client`) inside the block and is
+    closed at its end if it was started here.
+    """
+    if config is None or isinstance(config, str):
+        config = ClusterConfig(address=config or None)
+    if config.address:
+        with use_cluster(config.address):
+            yield config.address
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if config.cluster_class:
+        cls = _import_class(config.cluster_class)
+        try:
+            started = cls(**config.cluster_kwargs)
+        except TypeError as exc:
+            raise ClusterError(f"cluster.cluster_kwargs do not fit {config.cluster_class}: {exc}") from None
+    else:
+        from distributed import LocalCluster
+
+        started = LocalCluster(**_cluster_kwargs(config.n_workers, config.memory_limit))
+    with started:
+        if config.adapt_kwargs:
+            started.adapt(**config.adapt_kwargs)
+        try:
+            with use_cluster(started.scheduler_address) as address:
+                yield address
+        finally:
+            _forget_client(started.scheduler_address)
+
+
+@contextlib.contextmanager
+def local_cluster(address: str | None = None, n_workers: int | None = None) -> Iterator[str]:
+    """:func:`cluster` on ``address`` if given, else on a default LocalCluster of ``n_workers``."""
+    with cluster(ClusterConfig(address=address, n_workers=n_workers)) as addr:
+        yield addr
+
+
 def task_runner(address: str | None = None, n_workers: int | None = None) -> DaskTaskRunner:
-    """A DaskTaskRunner on ``address`` or on a new LocalCluster (see the module docstring)."""
+    """A DaskTaskRunner on ``address`` or on a new LocalCluster (old one-task-per-chunk path)."""
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=_cluster_kwargs(n_workers))
 
 
-@contextlib.contextmanager
-def local_cluster(address: str | None = None, n_workers: int | None = None) -> Iterator[str]:
-    """Yield ``address`` if given, else start a LocalCluster for the block and yield its address."""
-    if address:
-        yield address
-        return
-    from distributed import LocalCluster
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with LocalCluster(**_cluster_kwargs(n_workers)) as cluster:
-        yield cluster.scheduler_address
+def stage_task_runner(address: str | None) -> Any:
+    """The task runner of a stage flow (see the module docstring)."""
+    if chunk_mode() == "tasks":
+        return task_runner(address)
+    return ThreadPoolTaskRunner(max_workers=8)
 
 
 def startup_timeout() -> int:
@@ -151,7 +356,9 @@ def ensure_local_api() -> str | None:
 
 
 def wait_all(futures: Sequence[PrefectFuture], stage: str) -> list[Any]:
-    """Results of ``futures`` (in submission order), reporting progress every ~10% as they finish.
+    """Old path: results of Prefect chunk-task ``futures`` (in submission order), with progress.
+
+    Progress is reported every ~10% as they finish.
 
     Progress goes to the run's log and to a Prefect progress artifact (percent of chunks finished,
     shown on the flow run's page in the UI).

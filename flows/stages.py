@@ -2,8 +2,9 @@
 
 Every stage flow takes :class:`flows.params.AlignParams` (``downsample`` takes
 :class:`~flows.params.DownsampleParams`), creates its output layers under ``params.output`` as
-named in :mod:`flows.layout`, submits one chunk task per chunk to the task runner (a dask cluster),
-waits, adds a provenance record to its output layers and returns a small summary dict
+named in :mod:`flows.layout`, runs its chunk functions on the dask cluster in blocks
+(:func:`flows.blocks.run_chunks`: one Prefect task per block, one dask future per chunk), adds
+a provenance record to its output layers and returns a small summary dict
 ``{"stage", "done", "skipped", ...}`` (chunks computed now / skipped thanks to completion markers).
 
 Stages read what earlier stages wrote; running one before its inputs exist fails at the start with
@@ -24,9 +25,9 @@ from emcore.blend import blend_margin
 from emcore.errors import LayerNotFoundError
 from emcore.geometry import VoxelBox
 from emcore.layers import Layer, create_layer, open_layer
+from flows.blocks import absolute_params, run_chunks
 from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
-from flows.runtime import wait_all
 from tasks.affine import section_affines
 from tasks.coarse import coarse_pair_task
 from tasks.encode import encode_chunk_task, resolve_encoder
@@ -105,11 +106,12 @@ def _downsample(layer: Layer, params: AlignParams, src_mip: int, inputs: tuple[s
     if src_mip >= top:
         return []
     region = params.region(layer, src_mip)
-    futures = [
-        downsample_chunk_task.submit(layer.path, box, src_mip, top, inputs)
-        for box in pyramid_chunks(layer, region, src_mip, top)
-    ]
-    return wait_all(futures, f"downsample {layer.path.rsplit('/', 1)[-1]}")
+    return run_chunks(
+        downsample_chunk_task,
+        [dict(path=layer.path, box=box, src_mip=src_mip, dst_mip=top, inputs=inputs)
+         for box in pyramid_chunks(layer, region, src_mip, top)],
+        f"downsample {layer.path.rsplit('/', 1)[-1]}",
+    )  # fmt: skip
 
 
 def pair_image(params: AlignParams) -> str:
@@ -144,14 +146,17 @@ def normalize_flow(params: AlignParams) -> dict[str, Any]:
 
     Writes ``<out>/normalized`` and ``<out>/normalized/sections.json`` (stats; blank sections).
     """
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     src = params.source_layer()
     out = _create_like(src, layout.normalized, "image", "float32")
     sections = list(params.sections(src))
-    stat_futures = [
-        section_stats_task.submit(src.path, z, params.coarse_mip, params.defects) for z in sections
-    ]
-    stats = {s["z"]: s for s in wait_all(stat_futures, "section stats")}
+    stat_list = run_chunks(
+        section_stats_task,
+        [dict(source=src.path, z=z, mip=params.coarse_mip, defects=params.defects) for z in sections],
+        "section stats",
+    )
+    stats = {s["z"]: s for s in stat_list}
     blank = sorted(z for z, s in stats.items() if s["blank"])
     if blank:
         get_run_logger().warning(
@@ -167,10 +172,12 @@ def normalize_flow(params: AlignParams) -> dict[str, Any]:
     mip = params.finetune_mip
     region = params.region(out, mip)
     chunks = list(out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1)))
-    futures = [
-        normalize_chunk_task.submit(src.path, out.path, box, mip, stats, params.defects) for box in chunks
-    ]
-    outcomes = wait_all(futures, "normalize")
+    outcomes = run_chunks(
+        normalize_chunk_task,
+        [dict(source=src.path, output=out.path, box=box, mip=mip, stats=stats, defects=params.defects)
+         for box in chunks],
+        "normalize",
+    )  # fmt: skip
     outcomes += _downsample(out, params, mip, (src.path, json.dumps(stats, sort_keys=True)))
     _provenance(out, "sectionflow normalize: per-section tissue mean 0 / std 1, 0 = no data", params)
     return _summary("normalize", outcomes, blank=blank, sections=sections)
@@ -183,6 +190,7 @@ def encode_flow(params: AlignParams) -> dict[str, Any]:
     With ``encoder="none"`` (or ``"auto"`` and no shipped encoder for the resolution) nothing is
     written and later stages use ``<out>/normalized``.
     """
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     normalized = _require(layout.normalized, "normalize")
     mip = params.finetune_mip
@@ -192,11 +200,12 @@ def encode_flow(params: AlignParams) -> dict[str, Any]:
         return {"stage": "encode", "done": 0, "skipped": 0, "encoder": "none"}
     out = _create_like(normalized, layout.encodings(mip), "image", "float32")
     region = params.region(out, mip)
-    futures = [
-        encode_chunk_task.submit(normalized.path, out.path, box, mip, encoder)
-        for box in out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1))
-    ]
-    outcomes = wait_all(futures, "encode")
+    outcomes = run_chunks(
+        encode_chunk_task,
+        [dict(source=normalized.path, output=out.path, box=box, mip=mip, encoder=encoder)
+         for box in out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1))],
+        "encode",
+    )  # fmt: skip
     _provenance(out, f"sectionflow encode with {encoder} at mip {mip}", params)
     return _summary("encode", outcomes, encoder=encoder)
 
@@ -211,6 +220,7 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     reliable, confidence, reason, matrix; and the pairs used downstream), then solves the section
     affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``.
     """
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     normalized = _require(layout.normalized, "normalize")
     info = _read_json(normalized.path, "sections.json", "normalize")
@@ -221,14 +231,13 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     mip = params.coarse_mip
     region = params.region(normalized, mip)
     defects = params.defects
-    futures = [
-        coarse_pair_task.submit(
-            normalized.path, layout.pairwise(k), region, z, k, mip, params.coarse_model, defects,
-            params.coarse_method,
-        )  # fmt: skip
-        for z, k in pairs
-    ]
-    outcomes = wait_all(futures, "coarse_align")
+    outcomes = run_chunks(
+        coarse_pair_task,
+        [dict(image=normalized.path, output=layout.pairwise(k), region=region, z=z, k=k, mip=mip,
+              model=params.coarse_model, defects=defects, method=params.coarse_method)
+         for z, k in pairs],
+        "coarse_align",
+    )  # fmt: skip
     status = {f"{o.detail['z']}-{o.detail['k']}": o.detail for o in outcomes}
     # an unreliable pair is kept only when its section has no reliable one (never drop a section)
     used = []
@@ -263,6 +272,7 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
 @flow(name="finetune", log_prints=True)
 def finetune_flow(params: AlignParams) -> dict[str, Any]:
     """Refine every used pairwise field at the finetune mip, chunk by chunk, from the coarse field."""
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     used = [tuple(p) for p in _read_json(root, "pairs.json", "coarse_align")["used"]]
@@ -275,26 +285,24 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
     margin = blend_margin(params.pad, xy_chunks)
     options = {"pad": params.pad, "margin": margin, "bounds": region, "sm": params.sm,
                "num_iter": params.num_iter, "defects": params.defects}
-    futures = [
-        finetune_chunk_task.submit(
-            image.path, layout.pairwise(k), box, z, k, mip,
-            {str(z): affines[str(z)], str(z - k): affines[str(z - k)]}, **options,
-        )  # fmt: skip
-        for z, k in used
-        for box in xy_chunks
-    ]
-    outcomes = wait_all(futures, "finetune")
+    outcomes = run_chunks(
+        finetune_chunk_task,
+        [dict(image=image.path, pairs=layout.pairwise(k), box=box, z=z, k=k, mip=mip,
+              affines={str(z): affines[str(z)], str(z - k): affines[str(z - k)]}, **options)
+         for z, k in used for box in xy_chunks],
+        "finetune",
+    )  # fmt: skip
     run_key = json.dumps(
         {**options, "bounds": str(region), "image": image.path, "affines": affines},
         sort_keys=True, default=str,
     )
-    futures = [
-        blend_chunk_task.submit(layout.pairwise(k), box, z, k, mip, margin=margin, bounds=region,
-                                cores=xy_chunks, inputs=run_key)
-        for z, k in used
-        for box in xy_chunks
-    ]
-    outcomes += wait_all(futures, "finetune blend")
+    outcomes += run_chunks(
+        blend_chunk_task,
+        [dict(pairs=layout.pairwise(k), box=box, z=z, k=k, mip=mip, margin=margin, bounds=region,
+              cores=xy_chunks, inputs=run_key)
+         for z, k in used for box in xy_chunks],
+        "finetune blend",
+    )  # fmt: skip
     for k in sorted({k for _, k in used}):
         _provenance(
             open_layer(layout.pairwise(k)), f"sectionflow finetuned pairwise fields z -> z-{k}", params
@@ -306,6 +314,7 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
 def solve_flow(params: AlignParams) -> dict[str, Any]:
     """Vector voting + anchored stack solve of the finetuned residuals, composed with the section
     affines -> ``<out>/fields/final`` (:mod:`tasks.solve`)."""
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     pairs_info = _read_json(root, "pairs.json", "coarse_align")
@@ -323,29 +332,19 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
     # ``solve_block_z`` sections read with ``solve_overlap_z`` sections on each side equals the
     # whole-stack solve inside its core (tested), and a task's memory does not grow with the stack.
     z_start, z_stop = region.start[2], region.stop[2]
-    step = params.solve_block_z
+    step, over = params.solve_block_z, params.solve_overlap_z
     blocks = [(z, min(z + step, z_stop)) for z in range(z_start, z_stop, step)]
-    futures = [
-        solve_chunk_task.submit(
-            pair_layers,
-            out.path,
-            VoxelBox((box.start[0], box.start[1], max(z_start, lo - params.solve_overlap_z)),
-                     (box.stop[0], box.stop[1], min(z_stop, hi + params.solve_overlap_z))),
-            mip,
-            pad=params.pad,
-            used_pairs=used,
-            blank=blank,
-            affines=affines,
-            region=region,
-            core_z=(lo, hi),
-            smoothness=params.smoothness,
-            anchor=params.anchor,
-            robust_px=params.robust_px,
-        )
-        for box in xy
-        for lo, hi in blocks
-    ]
-    outcomes = wait_all(futures, "solve")
+    outcomes = run_chunks(
+        solve_chunk_task,
+        [dict(pair_layers=pair_layers, output=out.path,
+              box=VoxelBox((box.start[0], box.start[1], max(z_start, lo - over)),
+                           (box.stop[0], box.stop[1], min(z_stop, hi + over))),
+              mip=mip, pad=params.pad, used_pairs=used, blank=blank, affines=affines, region=region,
+              core_z=(lo, hi), smoothness=params.smoothness, anchor=params.anchor,
+              robust_px=params.robust_px)
+         for box in xy for lo, hi in blocks],
+        "solve",
+    )  # fmt: skip
     _provenance(out, "sectionflow final fields (vector voting + global stack solve)", params)
     details = [o.detail for o in outcomes]
     fixed = details[0]["fixed"] if details else None
@@ -356,6 +355,7 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
 @flow(name="render", log_prints=True)
 def render_flow(params: AlignParams) -> dict[str, Any]:
     """Render the source (and the defect mask) through the final fields at the render mip, then mips above."""
+    params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     fields = _require(layout.final_fields, "solve")
     src = params.source_layer()
@@ -367,11 +367,13 @@ def render_flow(params: AlignParams) -> dict[str, Any]:
     outcomes: list = []
     for source, out in jobs:
         region = params.region(out, mip)
-        futures = [
-            render_chunk_task.submit(source.path, fields.path, out.path, box, mip, params.finetune_mip)
-            for box in out.grid(mip).chunks(region, (params.chunk_at(mip), params.chunk_at(mip), 1))
-        ]
-        outcomes += wait_all(futures, f"render {out.path.rsplit('/', 1)[-1]}")
+        outcomes += run_chunks(
+            render_chunk_task,
+            [dict(source=source.path, fields=fields.path, output=out.path, box=box, mip=mip,
+                  field_mip=params.finetune_mip)
+             for box in out.grid(mip).chunks(region, (params.chunk_at(mip), params.chunk_at(mip), 1))],
+            f"render {out.path.rsplit('/', 1)[-1]}",
+        )  # fmt: skip
         outcomes += _downsample(out, params, mip, (source.path, fields.path, code_version()))
         _provenance(out, f"sectionflow render of {source.path} through {fields.path}", params)
     return _summary("render", outcomes)
@@ -380,12 +382,14 @@ def render_flow(params: AlignParams) -> dict[str, Any]:
 @flow(name="downsample", log_prints=True)
 def downsample_flow(params: DownsampleParams) -> dict[str, Any]:
     """Fill mips ``src_mip + 1 .. dst_mip`` of a layer from ``src_mip``, chunk by chunk."""
+    params = absolute_params(params)  # workers may run in another directory
     layer = open_layer(params.layer)
     top = layer.num_mips - 1 if params.dst_mip is None else params.dst_mip
-    futures = [
-        downsample_chunk_task.submit(layer.path, box, params.src_mip, top, ())
-        for box in pyramid_chunks(layer, layer.bounds(params.src_mip), params.src_mip, top)
-    ]
-    outcomes = wait_all(futures, "downsample")
+    outcomes = run_chunks(
+        downsample_chunk_task,
+        [dict(path=layer.path, box=box, src_mip=params.src_mip, dst_mip=top, inputs=())
+         for box in pyramid_chunks(layer, layer.bounds(params.src_mip), params.src_mip, top)],
+        "downsample",
+    )  # fmt: skip
     _provenance(layer, f"sectionflow downsample mip {params.src_mip} -> {top}", params)
     return _summary("downsample", outcomes)

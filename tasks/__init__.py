@@ -1,6 +1,7 @@
-"""Chunk-level Prefect tasks over :mod:`emcore`.
+"""Chunk functions over :mod:`emcore`: plain functions, no Prefect (the flows map them over dask in
+blocks, :mod:`flows.blocks`).
 
-Every task takes layer *paths* and boxes (never big arrays or models), reads its input with context
+Every chunk function takes layer *paths* and boxes (never big arrays or models), reads its input with context
 pad, calls emcore, crops, writes a chunk-aligned output, and then writes a completion marker (see
 :mod:`tasks.markers`) so a rerun skips it. Tasks return a small :class:`tasks.markers.ChunkOutcome`
 (``"done"`` or ``"skipped"``) that flows count and report.

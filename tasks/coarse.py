@@ -24,7 +24,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from prefect import task
 
 from emcore.affine import fit_affine
 from emcore.coarse_xcorr import coarse_align
@@ -35,7 +34,6 @@ from emcore.models import Model, load_model
 from emcore.models.refine import LEARNED_METHODS, learned_coarse_align
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["COARSE_METHODS", "coarse_pair_task", "section_box"]
 
@@ -53,7 +51,6 @@ def section_box(region: VoxelBox, z: int) -> VoxelBox:
     return VoxelBox((region.start[0], region.start[1], z), (region.stop[0], region.stop[1], z + 1))
 
 
-@task(name="coarse-pair", **CHUNK_TASK_OPTIONS)
 def coarse_pair_task(
     image: str,
     output: str,

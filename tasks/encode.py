@@ -17,7 +17,6 @@ import functools
 import json
 
 import torch
-from prefect import task
 
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
@@ -26,7 +25,6 @@ from emcore.models.format import Model, load_model
 from emcore.models.registry import AUTO_ENCODERS, shipped_config_path
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["cached_model", "encode_chunk_task", "pick_encoder", "resolve_encoder"]
 
@@ -62,7 +60,6 @@ def cached_model(name: str) -> Model:
     return load_model(name)
 
 
-@task(name="encode-chunk", **CHUNK_TASK_OPTIONS)
 def encode_chunk_task(source: str, output: str, box: VoxelBox, mip: int, encoder: str) -> ChunkOutcome:
     """Encode ``box`` (voxels at ``mip``) of the normalized layer ``source`` into ``output``.
 

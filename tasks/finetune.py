@@ -24,7 +24,6 @@ import io
 
 import numpy as np
 from cloudfiles import CloudFiles
-from prefect import task
 
 from emcore.blend import blend_pieces, piece_box
 from emcore.finetune import finetune
@@ -34,7 +33,6 @@ from tasks.affine import affine_field
 from tasks.coarse import section_box
 from tasks.io import read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["blend_chunk_task", "finetune_chunk_task"]
 
@@ -59,7 +57,6 @@ def _load_piece(pairs: str, chunk: VoxelBox, mip: int) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-@task(name="finetune-chunk", **CHUNK_TASK_OPTIONS)
 def finetune_chunk_task(
     image: str,
     pairs: str,
@@ -128,7 +125,6 @@ def finetune_chunk_task(
     return ChunkOutcome("finetune", f"{z}-{k} {chunk}", "done", detail)
 
 
-@task(name="blend-chunk", **CHUNK_TASK_OPTIONS)
 def blend_chunk_task(
     pairs: str, box: VoxelBox, z: int, k: int, mip: int, *, margin: int, bounds: VoxelBox,
     cores: list[VoxelBox], inputs: str,

@@ -14,19 +14,16 @@ again by the chunk task for what the coarse mip did not show.
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
 
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.normalize import normalize, require_finite, section_stats
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["normalize_chunk_task", "section_stats_task"]
 
 
-@task(name="section-stats", **CHUNK_TASK_OPTIONS)
 def section_stats_task(source: str, z: int, mip: int, defects: str | None = None) -> dict:
     """Tissue statistics of section ``z`` at ``mip``: ``{"z", "mean", "std", "blank", "reason"}``."""
     layer = open_layer(source)
@@ -42,7 +39,6 @@ def section_stats_task(source: str, z: int, mip: int, defects: str | None = None
     return {"z": z, "mean": stats.mean, "std": stats.std, "blank": False, "reason": ""}
 
 
-@task(name="normalize-chunk", **CHUNK_TASK_OPTIONS)
 def normalize_chunk_task(
     source: str, output: str, box: VoxelBox, mip: int, stats: dict[int, dict], defects: str | None = None
 ) -> ChunkOutcome:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prefect import task
-
 from emcore.geometry import VoxelBox
 from emcore.layers import Layer, open_layer
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["downsample_chunk_task", "pyramid_chunks"]
 
@@ -30,7 +27,6 @@ def pyramid_chunks(layer: Layer, region: VoxelBox, src_mip: int, dst_mip: int) -
     yield from grid.chunks(region, (cx * f, cy * f, 1))
 
 
-@task(name="downsample-chunk", **CHUNK_TASK_OPTIONS)
 def downsample_chunk_task(
     path: str, box: VoxelBox, src_mip: int, dst_mip: int, inputs: tuple[str, ...] = ()
 ) -> ChunkOutcome:

@@ -10,18 +10,15 @@ afterwards by the downsample task.
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
 
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from tasks.io import read_field, read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["render_chunk_task"]
 
 
-@task(name="render-chunk", **CHUNK_TASK_OPTIONS)
 def render_chunk_task(
     source: str, fields: str, output: str, box: VoxelBox, mip: int, field_mip: int
 ) -> ChunkOutcome:

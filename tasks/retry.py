@@ -1,18 +1,30 @@
-"""Retry policy of chunk tasks: retry transient storage errors, never sectionflow's own errors.
+"""Retry policy of chunk functions: retry transient storage errors, never sectionflow's own errors.
 
-``CHUNK_TASK_OPTIONS`` are the Prefect ``@task`` options every chunk task uses: 2 retries, 2 s
-apart, only for errors that can be transient (``OSError`` such as connection resets and timeouts,
-``TimeoutError``, ``ConnectionError``) and not for :class:`~emcore.errors.SectionflowError` (bad
-input, missing layer, unaligned write: retrying cannot help).
+The policy: up to ``RETRIES`` (2) retries, ``RETRY_DELAY_S`` (2 s) apart, only for errors that can
+be transient (``OSError`` such as connection resets and timeouts, ``TimeoutError``,
+``ConnectionError``) and never for :class:`~emcore.errors.SectionflowError` (bad input, missing
+layer, unaligned write: retrying cannot help).
+
+* :func:`call_with_retries` applies it to one chunk call, on the dask worker, without Prefect (the
+  default path, :mod:`flows.blocks`).
+* ``CHUNK_TASK_OPTIONS`` are the same policy as Prefect ``@task`` options, for the old
+  one-Prefect-task-per-chunk path (kept for the benchmark comparison only).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from emcore.errors import SectionflowError
 
-__all__ = ["CHUNK_TASK_OPTIONS", "is_transient"]
+__all__ = ["CHUNK_TASK_OPTIONS", "RETRIES", "RETRY_DELAY_S", "call_with_retries", "is_transient"]
+
+RETRIES = 2
+RETRY_DELAY_S = 2.0
+
+R = TypeVar("R")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -20,6 +32,28 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, SectionflowError):
         return False
     return isinstance(exc, OSError | TimeoutError | ConnectionError)
+
+
+def call_with_retries(
+    fn: Callable[..., R],
+    kwargs: Mapping[str, Any],
+    *,
+    retries: int = RETRIES,
+    delay_s: float = RETRY_DELAY_S,
+) -> R:
+    """``fn(**kwargs)``, called again (up to ``retries`` times, ``delay_s`` apart) after a transient error.
+
+    A non-transient error, or the last transient one, propagates unchanged.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            if attempt >= retries or not is_transient(exc):
+                raise
+            attempt += 1
+            time.sleep(delay_s)
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
@@ -31,7 +65,7 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
 
 
 CHUNK_TASK_OPTIONS: dict[str, Any] = {
-    "retries": 2,
-    "retry_delay_seconds": 2,
+    "retries": RETRIES,
+    "retry_delay_seconds": RETRY_DELAY_S,
     "retry_condition_fn": _retry_condition,
 }

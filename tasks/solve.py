@@ -23,7 +23,6 @@ for every section into ``<out>/fields/final``.
 from __future__ import annotations
 
 import torch
-from prefect import task
 
 from emcore.affine import compose_with_affine, shift_origin
 from emcore.field import compose
@@ -33,7 +32,6 @@ from emcore.stack_solve import sequential_composition, solve_stack
 from emcore.vector_vote import vector_vote
 from tasks.io import read_field
 from tasks.markers import ChunkMarker, ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS
 
 __all__ = ["SOLVE_MAX_SWEEPS", "SOLVE_TOL_PX", "solve_chunk_task", "vote_weights"]
 
@@ -69,7 +67,6 @@ def vote_weights(
     return weights
 
 
-@task(name="solve-chunk", **CHUNK_TASK_OPTIONS)
 def solve_chunk_task(
     pair_layers: dict[int, str],
     output: str,
