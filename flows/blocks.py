@@ -242,12 +242,18 @@ def _run_block(block: _Block) -> list[Any]:
     log_step = max(1, n // 4) if n >= 100 else n
     art_step = max(1, n // 10)
     finished = 0
+    failed = None  # the first chunk that failed: the block's other chunks still finish (and are kept)
     try:
-        for batch in as_completed(futures, loop=client.loop, with_results=True).batches():
-            if block.tracker.failed.is_set():
+        for batch in as_completed(futures, loop=client.loop).batches():
+            if block.tracker.failed.is_set() and failed is None:
                 raise ChunkFailedError(f"{block.name}: stopped, another block of {block.label} failed")
-            for future, result in batch:
-                results[index[future.key]] = result
+            for future in batch:
+                if future.status == "error":
+                    if failed is None:
+                        failed = future
+                        block.tracker.failed.set()
+                    continue
+                results[index[future.key]] = future.result()
             before, finished = finished, finished + len(batch)
             block.tracker.add(len(batch))
             now = time.perf_counter()
@@ -258,6 +264,8 @@ def _run_block(block: _Block) -> list[Any]:
                     update_progress_artifact(artifact, 100.0 * finished / n)
             if finished // log_step != before // log_step and finished < n:
                 logger.info("%s: %d/%d chunks finished", block.name, finished, n)
+        if failed is not None:
+            failed.result()  # raises the chunk's own error (a clear SectionflowError, or after retries)
     except KilledWorker as exc:
         block.tracker.failed.set()
         client.cancel(futures)
