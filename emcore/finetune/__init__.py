@@ -11,8 +11,11 @@ API summary
 * :func:`finetune` -> :class:`FinetuneResult` (field, per-item loss, iterations per level, time).
 * :class:`Level` - one level of an explicit schedule (``levels=[Level(3, lr=...), ...]``).
 * :func:`alignment_loss`, :func:`prepare_masks` - the loss (re-exported from ``losses``).
-* ``DEFAULT_LR``, ``DEFAULT_PATIENCE``, ``DEFAULT_MAX_HALVINGS``, ``DEFAULT_LEVELS``: the measured
-  defaults (see ``benchmarks/README.md``, "Accuracy and speed vs peers", for the sweep).
+* ``DEFAULT_LR``, ``DEFAULT_PATIENCE``, ``DEFAULT_MAX_HALVINGS``, ``DEFAULT_LEVELS``,
+  ``DEFAULT_MAX_MOTION``: the measured defaults (see ``benchmarks/README.md``, "Accuracy and speed
+  vs peers", for the sweeps). The pyramid depth follows the chunk size and ``max_motion``
+  (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
+  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`).
 
 Batches: ``N`` pairs are optimized in one call, each with its own lr schedule and early stop;
 the result for an item does not depend on the other items. CPU runs are deterministic (bitwise
