@@ -350,21 +350,26 @@ def _select_bending(
     offsets: torch.Tensor | None,
     backend: str,
 ) -> LevelOutcome:
-    """One level fitted with ``level.bending`` on the pixels outside the held-out blocks, then with
-    each of ``level.bending_candidates`` (each fit starting from the previous one's field); per item
-    the rule of :mod:`emcore.finetune.selection` picks the fit. Items failing its discrepancy check
-    keep the first fit (and if all do, the softer fits are not run). ``iterations`` adds up over
-    the fits an item took part in (as if run alone), ``seconds`` over all; ``halvings`` is the
-    chosen fit's."""
-    held = heldout_blocks(src.shape[-2], src.shape[-1], device=src.device)
-    fit_masks, held_masks = split_masks(masks, held)
-    best = fit(field, masks=fit_masks, bending=level.bending)
-    score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
+    """The rule of :mod:`emcore.finetune.selection` for one level. Items failing its discrepancy
+    check (the MSE at the level's starting ``field`` above ``NOISE_FACTOR`` x the images' noise
+    variance) get the plain fit with ``level.bending`` on every pixel, exactly as without
+    candidates; the others are fitted with ``level.bending`` outside the held-out blocks, then with
+    each of ``level.bending_candidates`` (each fit starting from the previous one's field), and keep
+    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). If no item
+    passes the check, the softer fits are not run. ``iterations`` adds up over the fits an item
+    took part in (as if run alone), ``seconds`` over all; ``halvings`` is the chosen fit's."""
     noise = noise_sigma(src).square() + noise_sigma(tgt).square()
-    eligible = score <= NOISE_FACTOR * noise
+    start = heldout_mse(src, tgt, field, masks, backend=backend, sample_offsets=offsets)
+    eligible = start <= NOISE_FACTOR * noise
+    held = heldout_blocks(src.shape[-2], src.shape[-1], device=src.device) & eligible.view(-1, 1, 1, 1)
+    fit_masks, held_masks = split_masks(masks, held)  # fit_masks = masks for the other items
+    best = fit(field, masks=fit_masks, bending=level.bending)
+    if not bool(eligible.any()):
+        return best
+    score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
     iterations, seconds, previous = best.iterations.clone(), best.seconds, best.field
     again = replace(level.schedule(base), patience=CANDIDATE_PATIENCE)
-    for weight in level.bending_candidates if bool(eligible.any()) else ():
+    for weight in level.bending_candidates:
         out = fit(previous, masks=fit_masks, bending=float(weight), schedule=again)
         new = heldout_mse(src, tgt, out.field, held_masks, backend=backend, sample_offsets=offsets)
         better = eligible & (new < score * (1.0 - MIN_GAIN))

@@ -5,22 +5,23 @@ smooth field (2 px over 512 px: 0.038 px median with 5e3) but flattens strain th
 ~40 px (a 12 x 12 lattice, 1.5 px: 0.343 px p95 with 5e3, 0.155 with 5e2; benchmarks/README.md);
 a soft weight follows that strain and fits noise on the smooth pair.
 
-Rule (cross-validation on pixels the fit never saw):
+Rule (cross-validation on pixels the fit never saw), per item:
 
-1. a fixed random set of blocks (:data:`HOLDOUT_BLOCK` px square at the level's mip, a fraction
-   :data:`HOLDOUT_FRACTION` of them, seeded) is removed from the MSE of the fit
+1. the discrepancy check: only a pair whose MSE at the level's starting field (the coarser
+   levels' result) is at most :data:`NOISE_FACTOR` times the noise variance the images show
+   (:func:`noise_sigma` of source and target, squared and summed) takes part. Above it, the
+   residual is content that differs between the images (neighbouring sections: 0.5-1.0 against
+   ~0.1 of noise), not noise, and fitting it more closely invents deformation: those pairs get the
+   plain stiff fit on every pixel, exactly as without a selection;
+2. for the others, a fixed random set of blocks (:data:`HOLDOUT_BLOCK` px square at the level's
+   mip, a fraction :data:`HOLDOUT_FRACTION` of them, seeded) is removed from the MSE of the fit
    (:func:`split_masks`: the target's has-data flag is cleared there);
-2. the level is fitted with each candidate weight in turn, stiffest first, each fit starting from
+3. the level is fitted with each candidate weight in turn, stiffest first, each fit starting from
    the previous one's field;
-3. an item moves to a softer fit only if that fit lowers its MSE on the held-out blocks
+4. an item moves to a softer fit only if that fit lowers its MSE on the held-out blocks
    (:func:`heldout_mse`; springs, L2 and bending left out) by more than a relative
-   :data:`MIN_GAIN` (measured on the benchmark cases: 3.6-3.7 % on the strain pairs, below 0.2 %
-   on smooth, large and capture pairs, where the stiff fit is the better one), and
-4. only if the pair passes a discrepancy check: the stiff fit's held-out MSE is at most
-   :data:`NOISE_FACTOR` times the noise variance the images show (:func:`noise_sigma` of source and
-   target, squared and summed). Above it, the residual is content that differs between the
-   images (neighbouring sections: 0.5-1.0 against ~0.1 of noise), not noise, and fitting it
-   more closely invents deformation: those pairs keep the stiff fit.
+   :data:`MIN_GAIN` (measured on the benchmark cases: 3.6-3.7 % on the strain pairs, below 0.3 %
+   on smooth, large and capture pairs, where the stiff fit is the better one).
 
 Blocks rather than single pixels: the jittered target is sampled bicubically (4 x 4 taps) and the
 source bilinearly, so a held-out pixel shares noise with its neighbours; inside an 8 px block
@@ -57,8 +58,9 @@ HOLDOUT_BLOCK = 8
 HOLDOUT_FRACTION = 0.125
 #: Relative held-out MSE decrease a softer fit must bring to be kept.
 MIN_GAIN = 0.01
-#: The discrepancy check: softer fits are tried only where the stiff fit's held-out MSE is at most
-#: this many times the images' noise variance (sum of both images' :func:`noise_sigma` squared).
+#: The discrepancy check: softer fits are tried only where the MSE at the level's starting field
+#: is at most this many times the images' noise variance (sum of both images' :func:`noise_sigma`
+#: squared).
 NOISE_FACTOR = 2.0
 
 #: Immerkaer's noise-estimation stencil (the difference of two Laplacians): zero on any linear
