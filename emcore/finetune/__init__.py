@@ -211,7 +211,7 @@ def finetune(
             :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
             per-pixel level at the input mip) or an explicit list of :class:`Level` (coarsest first, per-level
             ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``/
-            ``detail_mip``).
+            ``detail_mip``/``bending_candidates``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
         check_every: iterations between host checks for "all items stopped" (default 1 on CPU,
