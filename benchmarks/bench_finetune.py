@@ -1,10 +1,11 @@
 """Accuracy and speed of the online finetuner vs elastix, SOFIMA and the plain autograd reference.
 
 Cases: :mod:`benchmarks.cases` (512 px crops of real EM, known deformations ``smooth``, ``large``,
-``neighbour``, noise sigma 0.2). Residual = ``|recovered - true|`` px over the interior (32 px
-border excluded), :func:`emcore.metrics.field_residual`. Every method runs on one CPU thread
-(``torch.set_num_threads(1)``, elastix ``number_of_threads=1``; JAX as it comes). Peak MiB = peak
-RSS above the start of the call (``benchmarks.bench_kernels.PeakMemory``), one pair.
+``neighbour``, ``strain``, ``capture``, noise sigma 0.2). Residual = ``|recovered - true|`` px over
+the interior (32 px border excluded), :func:`emcore.metrics.field_residual`. Every method runs on
+one CPU thread (``torch.set_num_threads(1)``, elastix ``number_of_threads=1``; JAX as it comes).
+Peak MiB = peak RSS above the start of the call (``benchmarks.bench_kernels.PeakMemory``), one
+pair.
 
 The plain reference is the published method: one level at full resolution, ``backend="reference"``
 (``grid_sample`` + autograd), ``torch.optim.Adam(lr=0.1)``, ``sm=200``, 2000 iterations. Full mode
@@ -14,6 +15,12 @@ and compares throughput in Mpx*it/s (megapixels times iterations per second).
     .venv/bin/python -m benchmarks.bench_finetune           # vnc + medulla, 2 pairs per kind
     .venv/bin/python -m benchmarks.bench_finetune --quick   # bundled vnc, 1 pair per kind
     .venv/bin/python -m benchmarks.bench_finetune --resample bicubic --no-reference  # bicubic sources
+    .venv/bin/python -m benchmarks.bench_finetune --kinds strain,capture --no-reference  # a subset
+
+Besides the defaults, ``sectionflow finetune (fixed stiffness)`` runs the previous default schedule
+(4 levels, bending weight 5e3 on every pair, no held-out selection) in the same run, so the
+closing note can compare each row with it (``--no-previous`` skips it). ``capture``: the share of
+interior pixels off by more than 1 px is printed per pair (a capture failure when > 0).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,10 +39,12 @@ from benchmarks.bench_kernels import PeakMemory, return_freed_memory_to_the_os
 from benchmarks.cases import KINDS, RESAMPLING, Case, make_cases
 from benchmarks.peers import check_conventions, peers, sofima_available
 from emcore.finetune import finetune
+from emcore.finetune.coarse_to_fine import default_levels
 from emcore.finetune.losses import alignment_loss, prepare_masks
 from emcore.metrics import ResidualStats, field_residual
 
 OURS = "sectionflow finetune (defaults)"
+FIXED = "sectionflow finetune (fixed stiffness)"
 
 
 @dataclass
@@ -44,18 +53,33 @@ class Row:
     case: Case
     residual: ResidualStats
     seconds: float
+    off_1px: float  # % of the interior (32 px border excluded) off by more than 1 px
 
 
 def _ours(case: Case) -> torch.Tensor:
     return finetune(case.src, case.tgt).field
 
 
+def _fixed(case: Case) -> torch.Tensor:
+    """The previous default: 4 levels, the last one's bending weight fixed at 5e3."""
+    h, w = case.src.shape[-2:]
+    levels = [replace(lv, bending_candidates=()) for lv in default_levels(h, w, 4)]
+    return finetune(case.src, case.tgt, levels=levels).field
+
+
+def _off_1px(field: torch.Tensor, true: torch.Tensor, border: int = 32) -> float:
+    err = (field - true).norm(dim=1)[..., border:-border, border:-border]
+    return float((err > 1.0).double().mean()) * 100.0
+
+
 def _as_numpy(image: torch.Tensor) -> np.ndarray:
     return image[0, 0].numpy()
 
 
-def methods(include_sofima: bool) -> dict[str, Callable[[Case], torch.Tensor]]:
+def methods(include_sofima: bool, previous: bool = True) -> dict[str, Callable[[Case], torch.Tensor]]:
     out: dict[str, Callable[[Case], torch.Tensor]] = {OURS: _ours}
+    if previous:
+        out[FIXED] = _fixed
     for name, fn in peers(include_sofima).items():
         out[name] = lambda c, fn=fn: fn(_as_numpy(c.src), _as_numpy(c.tgt))
     return out
@@ -84,7 +108,14 @@ def _warm_up(all_methods: dict[str, Callable[[Case], torch.Tensor]], case: Case)
         fn(small)
 
 
-def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", reference: bool = True) -> None:
+def run(
+    quick: bool,
+    include_sofima: bool = True,
+    resample: str = "bilinear",
+    reference: bool = True,
+    kinds: tuple[str, ...] = KINDS,
+    previous: bool = True,
+) -> None:
     torch.set_num_threads(1)
     return_freed_memory_to_the_os()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -96,8 +127,8 @@ def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", re
         include_sofima = False
     found = check_conventions(include_sofima=include_sofima)
     print(f"# conventions (translation +3, -2 px -> aligning field -3, +2): {found}")
-    cases = make_cases(quick, resample=resample)
-    all_methods = methods(include_sofima)
+    cases = make_cases(quick, resample=resample, kinds=kinds)
+    all_methods = methods(include_sofima, previous)
     _warm_up(all_methods, cases[0])
 
     rows: list[Row] = []
@@ -113,26 +144,27 @@ def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", re
                 seconds = time.perf_counter() - start
             if i == 0:
                 memory[name] = meter.mib
-            rows.append(Row(name, case, field_residual(field, case.true, border=32), seconds))
+            res = field_residual(field, case.true, border=32)
+            rows.append(Row(name, case, res, seconds, _off_1px(field, case.true)))
 
     rows.sort(key=lambda r: list(all_methods).index(r.method))
     print("\n## per pair: median / p95 / max residual px, seconds")
-    print(f"{'method':<34} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7}")
+    print(f"{'method':<38} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7} {'% >1px':>7}")
     for r in rows:
         res = r.residual
-        print(f"{r.method:<34} {r.case.name:<24} {res.median:7.3f} {res.p95:7.3f} {res.max:7.2f} "
-              f"{r.seconds:7.2f}")  # fmt: skip
+        print(f"{r.method:<38} {r.case.name:<24} {res.median:7.3f} {res.p95:7.3f} {res.max:7.2f} "
+              f"{r.seconds:7.2f} {r.off_1px:7.2f}")  # fmt: skip
 
     ref_time = statistics.mean(r.seconds for r in rows if r.method == "elastix default")
     print("\n## summary: mean over pairs of the per-pair median / p95 px; time = mean s per pair; "
           "speed = elastix default's s/pair / the method's (> 1: faster)")  # fmt: skip
-    header = f"{'method':<34}" + "".join(f" {k + ' med/p95':>18}" for k in KINDS)
+    header = f"{'method':<38}" + "".join(f" {k + ' med/p95':>18}" for k in kinds)
     header += f" {'s/pair':>7} {'speed vs elastix default':>25} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
     for name in all_methods:
-        line = f"{name:<34}"
-        for kind in KINDS:
+        line = f"{name:<38}"
+        for kind in kinds:
             sel = [r.residual for r in rows if r.method == name and r.case.kind == kind]
             med = statistics.mean(s.median for s in sel)
             p95 = statistics.mean(s.p95 for s in sel)
@@ -143,9 +175,13 @@ def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", re
         line += f" {secs:7.2f} {ref_time / secs:24.2f}x {mem}"
         print(line)
 
+    targets(rows, kinds, ref_time)
+
     # Where our time goes: one more run on the first smooth pair, per level.
     our_rows = [r for r in rows if r.method == OURS]
-    smooth = next(c for c in cases if c.kind == "smooth")
+    smooth = next((c for c in cases if c.kind == "smooth"), None)
+    if smooth is None:
+        return
     result = finetune(smooth.src, smooth.tgt)
     per_level = ", ".join(
         f"mip {mip}: {int(n)} it {s:.2f} s"
@@ -183,6 +219,59 @@ def run(quick: bool, include_sofima: bool = True, resample: str = "bilinear", re
               f"{again.seconds:.2f} s = {secs / again.seconds:.0f}x faster")  # fmt: skip
 
 
+def _mean(rows: list[Row], method: str, kind: str | None, attr: str) -> float | None:
+    """Mean over the pairs of ``method`` (and ``kind``) of a residual stat or ``seconds``."""
+    sel = [r for r in rows if r.method == method and (kind is None or r.case.kind == kind)]
+    if not sel:
+        return None
+    return statistics.mean(r.seconds if attr == "seconds" else getattr(r.residual, attr) for r in sel)
+
+
+def targets(rows: list[Row], kinds: tuple[str, ...], elastix_s: float) -> None:
+    """The closing note: issue 17's targets, each with the numbers measured in this run."""
+    print("\n## targets (issue 17; means over the pairs of this run)")
+
+    def show(name: str, value: float | None, goal: str, met: bool | None, peer: str = "") -> None:
+        verdict = "n/a" if met is None else ("met" if met else "MISSED")
+        got = "n/a" if value is None else f"{value:.3f}"
+        print(f"{name:<44} {got:>8}  target {goal:<24} {verdict:<7}{('  ' + peer) if peer else ''}")
+
+    if "strain" in kinds:
+        p95 = _mean(rows, OURS, "strain", "p95")
+        rigid = _mean(rows, "elastix rigid+grid32", "strain", "p95")
+        peer = f"elastix rigid+grid32 {rigid:.3f}" if rigid is not None else ""
+        show("local strain p95 px", p95, "<= 0.12", None if p95 is None else p95 <= 0.12, peer)
+    if "neighbour" in kinds:
+        med = _mean(rows, OURS, "neighbour", "median")
+        sof = _mean(rows, "sofima (patch 64, step 8)", "neighbour", "median")
+        peer = f"sofima {sof:.3f}" if sof is not None else "sofima not run"
+        show("neighbour median px", med, "<= 1.0", None if med is None else med <= 1.0, peer)
+    for kind in kinds:
+        for attr in ("median", "p95"):
+            new, old = _mean(rows, OURS, kind, attr), _mean(rows, FIXED, kind, attr)
+            if new is None or old is None:
+                continue
+            ratio = new / old
+            show(f"{kind} {attr} / fixed stiffness's", ratio, "<= 1.10 (no 10 % loss)", ratio <= 1.10,
+                 f"{new:.3f} vs {old:.3f} px")  # fmt: skip
+    if "capture" in kinds:
+        worst = max((r.off_1px for r in rows if r.method == OURS and r.case.kind == "capture"), default=None)
+        met = None if worst is None else worst == 0
+        show("capture: worst % of px off by > 1 px", worst, "0 (no failure)", met)
+    ours = _mean(rows, OURS, None, "seconds")
+    per_case = [
+        (r.seconds, e.seconds)
+        for r in rows
+        if r.method == OURS
+        for e in rows
+        if e.method == "elastix default" and e.case.name == r.case.name
+    ]
+    slower = sum(o > e for o, e in per_case)
+    show("s per pair / elastix default's", None if ours is None else ours / elastix_s, "<= 1",
+         None if ours is None else ours <= elastix_s,
+         f"{ours:.2f} vs {elastix_s:.2f} s; slower on {slower} of {len(per_case)} cases")  # fmt: skip
+
+
 def main(quick: bool | None = None) -> None:
     if quick is None:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -191,9 +280,23 @@ def main(quick: bool | None = None) -> None:
         parser.add_argument("--resample", choices=RESAMPLING, default="bilinear",
                             help="how the sources are resampled (benchmarks/cases.py)")  # fmt: skip
         parser.add_argument("--no-reference", action="store_true", help="skip the plain reference (~10 min)")
+        parser.add_argument("--kinds", default=",".join(KINDS),
+                            help=f"comma-separated case kinds (default all: {','.join(KINDS)})")  # fmt: skip
+        parser.add_argument("--no-previous", action="store_true",
+                            help="skip the previous default (fixed stiffness, 4 levels)")  # fmt: skip
         args = parser.parse_args()
-        reference = not args.no_reference
-        run(args.quick, include_sofima=not args.no_sofima, resample=args.resample, reference=reference)
+        kinds = tuple(k for k in args.kinds.split(",") if k)
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            parser.error(f"--kinds: unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+        run(
+            args.quick,
+            include_sofima=not args.no_sofima,
+            resample=args.resample,
+            reference=not args.no_reference,
+            kinds=kinds,
+            previous=not args.no_previous,
+        )
     else:
         run(quick)
 

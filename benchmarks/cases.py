@@ -20,6 +20,14 @@ Kinds (``S`` = 512 by default):
 * ``neighbour``: tgt = section z, src = section z + 1 (already registered to z) warped by the
   smooth field. The recovered field should still be the known one: anything else is deformation
   invented from the content difference between neighbours.
+* ``strain``: locally varying strain, ``smooth_field(S, S, 1.5, grid=g)`` with ``g`` = 12 for the
+  first pair of a dataset and 14 for the second (:data:`STRAIN_GRIDS`; features of ~35-45 px,
+  strain up to 5-7 %); tgt = section z.
+* ``capture``: capture range, a rotation about the centre (+ translation) composed with a smooth
+  4 px field (:data:`CAPTURE_MOTIONS`, per pair): 7 deg (46 px at the corners, 41 px at those of
+  the evaluated interior), then -5 deg + (-8, 6) px (42 px, 39 px); tgt = section z. A 4-level
+  pyramid (mips 3..0) failed on such pairs (7 deg on the vnc crop: 89 % of the interior off by
+  > 1 px); 5 levels recover them (benchmarks/README.md).
 
 Data: the full run uses ``drosophila_vnc_stack1`` (1024 px TIFFs, centre 512 px crop) and
 ``drosophila_medulla_fibsem`` (520 px PNGs, centre 512 px crop) from
@@ -42,7 +50,11 @@ from emcore.synthetic import affine_field, smooth_field, true_alignment_field
 
 __all__ = ["KINDS", "RESAMPLING", "Case", "load_sections", "make_case", "make_cases"]
 
-KINDS = ("smooth", "large", "neighbour")
+KINDS = ("smooth", "large", "neighbour", "strain", "capture")
+#: Lattice size of the ``strain`` field per pair index (cycled).
+STRAIN_GRIDS = (12, 14)
+#: ``(rotation deg, translation px)`` of the ``capture`` field per pair index (cycled).
+CAPTURE_MOTIONS = ((7.0, (0.0, 0.0)), (-5.0, (-8.0, 6.0)))
 #: How a case's source may be resampled (see the module docstring).
 RESAMPLING = ("bilinear", "bicubic")
 NOISE_SIGMA = 0.2
@@ -96,12 +108,20 @@ def _noisy(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def applied_field(kind: str, size: int, seed: int = 0) -> torch.Tensor:
-    """The known deformation of a case kind, ``(1, 2, size, size)`` px."""
+    """The known deformation of a case kind, ``(1, 2, size, size)`` px (``seed``: the pair index
+    within a dataset)."""
     if kind in ("smooth", "neighbour"):
         return smooth_field(size, size, 2.0, seed=seed)
     if kind == "large":
         affine = affine_field(size, size, rotation_deg=3.0, translation=(12.0, -7.0))
         return compose(affine, smooth_field(size, size, 8.0, seed=seed))
+    if kind == "strain":
+        grid = STRAIN_GRIDS[seed % len(STRAIN_GRIDS)]
+        return smooth_field(size, size, 1.5, grid=grid, seed=100 + seed)
+    if kind == "capture":
+        rotation, translation = CAPTURE_MOTIONS[seed % len(CAPTURE_MOTIONS)]
+        affine = affine_field(size, size, rotation_deg=rotation, translation=translation)
+        return compose(affine, smooth_field(size, size, 4.0, seed=200 + seed))
     raise ValueError(f"unknown case kind {kind!r}; expected one of {KINDS}")
 
 

@@ -17,6 +17,7 @@ from emcore.field import warp
 from emcore.finetune import FinetuneResult, Level, finetune
 from emcore.finetune.coarse_to_fine import (
     DEFAULT_BENDING,
+    DEFAULT_BENDING_CANDIDATES,
     DEFAULT_GRID_LR,
     DEFAULT_GRID_SM_FACTOR,
     default_levels,
@@ -174,7 +175,14 @@ def test_explicit_levels_and_pyramid_mips() -> None:
 def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
     grid_sm = 3.0 * DEFAULT_GRID_SM_FACTOR
     last = Level(
-        0, field_mip=4, jitter=1.0, lr=DEFAULT_GRID_LR, sm=grid_sm, bending=DEFAULT_BENDING, detail_mip=2
+        0,
+        field_mip=4,
+        jitter=1.0,
+        lr=DEFAULT_GRID_LR,
+        sm=grid_sm,
+        bending=DEFAULT_BENDING,
+        detail_mip=2,
+        bending_candidates=DEFAULT_BENDING_CANDIDATES,
     )
     assert default_levels(512, 512, 4) == [Level(3), Level(2), last]
     assert default_levels(512, 512, 4, sm=200.0)[-1].sm == pytest.approx(20.0)
@@ -188,6 +196,8 @@ def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
         Level(2, field_mip=1)
     with pytest.raises(ValueError, match="jitter must be in"):
         Level(0, jitter=2.0)
+    with pytest.raises(ValueError, match="bending_candidates must be a tuple"):
+        Level(0, bending_candidates=[500.0])
     img = torch.rand(1, 1, 36, 36) + 0.1
     with pytest.raises(ValueError, match="not divisible by 8"):
         finetune(img, img, levels=[Level(0, field_mip=3)])

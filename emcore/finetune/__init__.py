@@ -11,8 +11,11 @@ API summary
 * :func:`finetune` -> :class:`FinetuneResult` (field, per-item loss, iterations per level, time).
 * :class:`Level` - one level of an explicit schedule (``levels=[Level(3, lr=...), ...]``).
 * :func:`alignment_loss`, :func:`prepare_masks` - the loss (re-exported from ``losses``).
-* ``DEFAULT_LR``, ``DEFAULT_PATIENCE``, ``DEFAULT_MAX_HALVINGS``, ``DEFAULT_LEVELS``: the measured
-  defaults (see ``benchmarks/README.md``, "Accuracy and speed vs peers", for the sweep).
+* ``DEFAULT_LR``, ``DEFAULT_PATIENCE``, ``DEFAULT_MAX_HALVINGS``, ``DEFAULT_LEVELS``,
+  ``DEFAULT_MAX_MOTION``: the measured defaults (see ``benchmarks/README.md``, "Accuracy and speed
+  vs peers", for the sweeps). The pyramid depth follows the chunk size and ``max_motion``
+  (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
+  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`).
 
 Batches: ``N`` pairs are optimized in one call, each with its own lr schedule and early stop;
 the result for an item does not depend on the other items. CPU runs are deterministic (bitwise
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from emcore.field import identity
-from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, default_levels
+from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, default_levels, pyramid_depth
 from emcore.finetune.losses import alignment_loss, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule
 
@@ -42,6 +45,7 @@ __all__ = [
     "DEFAULT_LEVELS",
     "DEFAULT_LR",
     "DEFAULT_MAX_HALVINGS",
+    "DEFAULT_MAX_MOTION",
     "DEFAULT_PATIENCE",
     "DEFAULT_REL_TOL",
     "DEFAULT_SM",
@@ -70,11 +74,16 @@ DEFAULT_PATIENCE: int = AdamSchedule.patience
 DEFAULT_REL_TOL: float = AdamSchedule.rel_tol
 #: Halvings before an item stops.
 DEFAULT_MAX_HALVINGS: int = AdamSchedule.max_halvings
-#: Pyramid depth (mips 3..0 where the chunk size allows, see ``pyramid_mips``), turned into a
-#: schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`: per-pixel levels at mips 3
-#: and 2, then the loss at mip 0 with sampling jitter and the field as a control grid, at mip 4
-#: with the bending energy, and a detail field at mip 2 near defects.
-DEFAULT_LEVELS = 4
+#: Pyramid depth: ``None`` = from the chunk size and ``max_motion``
+#: (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`: 5 levels, mips 4..0, for a 512 px chunk
+#: and 40 px), turned into a schedule by :func:`emcore.finetune.coarse_to_fine.default_levels`:
+#: per-pixel levels from the top mip down to mip 2, then the loss at mip 0 with sampling jitter and
+#: the field as a control grid at mip 4 with the bending energy (its weight chosen per item on
+#: held-out pixels), and a detail field at mip 2 near defects.
+DEFAULT_LEVELS: int | None = None
+#: The largest motion (px at the input mip, after ``init_field``) the automatic depth is sized
+#: for: a 512 px pair whose corners move 40 px is captured (benchmarks/README.md, ``capture``).
+DEFAULT_MAX_MOTION = 40.0
 
 
 @dataclass(frozen=True)
@@ -167,10 +176,11 @@ def finetune(
     patience: int = DEFAULT_PATIENCE,
     max_halvings: int = DEFAULT_MAX_HALVINGS,
     rel_tol: float = DEFAULT_REL_TOL,
-    levels: int | Sequence[Level] = DEFAULT_LEVELS,
+    levels: int | Sequence[Level] | None = DEFAULT_LEVELS,
     l2_weight: float = 1e-4,
     backend: str = "auto",
     check_every: int | None = None,
+    max_motion: float = DEFAULT_MAX_MOTION,
 ) -> FinetuneResult:
     """Find the fields that align each ``src`` onto its ``tgt`` (batched, coarse to fine).
 
@@ -195,16 +205,20 @@ def finetune(
             halves.
         max_halvings: halvings before an item stops.
         rel_tol: relative loss decrease that counts as an improvement.
-        levels: pyramid depth (an int: the schedule of
+        levels: ``None`` (default): the depth :func:`~emcore.finetune.coarse_to_fine.pyramid_depth`
+            gives for the chunk size and ``max_motion``; or the pyramid depth (an int: the schedule of
             :func:`~emcore.finetune.coarse_to_fine.default_levels` for the mips
             :func:`~emcore.finetune.coarse_to_fine.pyramid_mips` allows for the chunk size; 1 = one
             per-pixel level at the input mip) or an explicit list of :class:`Level` (coarsest first, per-level
             ``num_iter``/``lr``/``patience``/``max_halvings``/``sm``/``field_mip``/``jitter``/``bending``/
-            ``detail_mip``).
+            ``detail_mip``/``bending_candidates``).
         l2_weight: weight of the field's mean square in the loss.
         backend: loss backend, ``"auto"`` | ``"reference"`` | ``"fused"`` | ``"triton"``.
         check_every: iterations between host checks for "all items stopped" (default 1 on CPU,
             50 on GPU); does not change the result.
+        max_motion: with ``levels=None``, the largest displacement (px at the input mip) between
+            ``warp(src, init_field)`` and ``tgt`` that the pyramid must capture (default
+            :data:`DEFAULT_MAX_MOTION` = 40 px); ignored when ``levels`` is given.
 
     Returns:
         :class:`FinetuneResult`.
@@ -220,12 +234,14 @@ def finetune(
         num_iter=num_iter, lr=lr, patience=patience, max_halvings=max_halvings, rel_tol=rel_tol
     )
     n, _, h, w = src.shape
+    if levels is None:
+        levels = pyramid_depth(h, w, max_motion)
     if isinstance(levels, int):
         schedule = default_levels(h, w, levels, sm=float(sm))
     else:
         schedule = list(levels)
         if not all(isinstance(lv, Level) for lv in schedule):
-            raise ValueError("levels must be an int or a sequence of emcore.finetune.Level")
+            raise ValueError("levels must be None, an int or a sequence of emcore.finetune.Level")
         for lv in schedule:  # validate the per-level settings before any work
             lv.schedule(base)
     field0 = (

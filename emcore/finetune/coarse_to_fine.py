@@ -20,9 +20,13 @@ Per level (all in px at that level's mip):
    (:func:`jittered_target`).
 
 The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
-at mips 3 and 2, then the loss at mip 0 with jitter 1 px and the field on a control grid at mip 4
-(16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`), plus a detail field
-at mip 2 near defects so the field can tear at folds and cracks.
+from the top mip down to mip 2, then the loss at mip 0 with jitter 1 px and the field on a control
+grid at mip 4 (16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`), plus
+a detail field at mip 2 near defects so the field can tear at folds and cracks. The bending
+weight of that level is chosen per item on held-out pixels (``Level.bending_candidates``,
+:mod:`emcore.finetune.selection`): stiff (5e3) unless a softer fit (5e2) predicts the held-out
+blocks better and the residual is at the images' noise level. The depth (top mip) follows the
+chunk size and the motion to capture (:func:`pyramid_depth`).
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -33,32 +37,45 @@ mips that fit.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from emcore.field import resample_field, warp
-from emcore.finetune.losses import prepare_masks
+from emcore.finetune.losses import LossMasks, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
 from emcore.finetune.parameters import defect_neighbourhood
+from emcore.finetune.selection import (
+    MIN_GAIN,
+    NOISE_FACTOR,
+    heldout_blocks,
+    heldout_mse,
+    noise_sigma,
+    split_masks,
+)
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
+    "CAPTURE_PX",
     "DEFAULT_BENDING",
+    "DEFAULT_BENDING_CANDIDATES",
     "DEFAULT_FIELD_MIP",
     "DEFAULT_GRID_LR",
     "DEFAULT_GRID_SM_FACTOR",
     "DEFAULT_JITTER",
     "DEFAULT_SMOOTH_FIELD_MIP",
     "DETAIL_RADIUS",
+    "MIN_AUTO_LEVELS",
     "Level",
     "coarse_to_fine",
     "default_levels",
     "downsample_images",
     "downsample_masks",
     "jittered_target",
+    "pyramid_depth",
     "pyramid_mips",
 ]
 
@@ -94,6 +111,9 @@ class Level:
             through the level's starting field), so the field can tear there
             (:mod:`emcore.finetune.parameters`); ``None`` or no defect masks in the call: off.
             ``mip <= detail_mip < field_mip``.
+        bending_candidates: softer bending weights tried after ``bending`` (each fit starting from
+            the previous one); each item keeps the fit with the lowest MSE on held-out blocks
+            (:mod:`emcore.finetune.selection`). Empty: one fit with ``bending`` on every pixel.
     """
 
     mip: int
@@ -106,6 +126,7 @@ class Level:
     jitter: float = 0.0
     bending: float = 0.0
     detail_mip: int | None = None
+    bending_candidates: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         grid = self.field_mip
@@ -115,6 +136,12 @@ class Level:
             raise ValueError(f"Level.jitter must be in [0, 1] px, got {self.jitter!r}")
         if not (isinstance(self.bending, int | float) and math.isfinite(self.bending) and self.bending >= 0):
             raise ValueError(f"Level.bending must be a finite number >= 0, got {self.bending!r}")
+        cands = self.bending_candidates
+        if not (
+            isinstance(cands, tuple)
+            and all(isinstance(b, int | float) and math.isfinite(b) and b >= 0 for b in cands)
+        ):
+            raise ValueError(f"Level.bending_candidates must be a tuple of numbers >= 0, got {cands!r}")
         detail = self.detail_mip
         if detail is not None and not (isinstance(detail, int) and self.mip <= detail < self.parameter_mip):
             raise ValueError(
@@ -156,6 +183,35 @@ def pyramid_mips(height: int, width: int, levels: int, *, min_size: int = 16) ->
     return tuple(range(top, -1, -1))
 
 
+#: Motion (px at the coarsest level) that level is trusted to capture: the loss sees a shift only
+#: within its bilinear footprint and the per-pixel levels' springs, so a level recovers about
+#: 2-4 px (measured: a 512 px pair whose corners moved ~28 px failed with 4 levels, mip 3 = 3.5 px,
+#: and passed with 5; issue 17 / benchmarks/README.md).
+CAPTURE_PX = 2.5
+#: The shallowest automatic depth (mips 3..0): coarse levels also make the fine ones converge in
+#: fewer iterations, whatever the motion.
+MIN_AUTO_LEVELS = 4
+
+
+def pyramid_depth(height: int, width: int, max_motion: float) -> int:
+    """Pyramid depth (number of levels) for a chunk whose content may move up to ``max_motion`` px.
+
+    The coarsest mip ``k`` is the smallest with ``max_motion / 2**k <= CAPTURE_PX`` (but at least
+    :data:`MIN_AUTO_LEVELS` levels), then capped by what the chunk size allows
+    (:func:`pyramid_mips`: divisibility, >= 16 px at the top). E.g. 512 px, 40 px: mip 4 (2.5 px
+    there), 5 levels; 20 px: 4 levels; a 128 px chunk: at most 4 levels whatever the motion.
+
+    Args:
+        height, width: chunk size, px at the input mip.
+        max_motion: the largest displacement expected between the pair (after ``init_field``),
+            px at the input mip, > 0.
+    """
+    if not (isinstance(max_motion, int | float) and math.isfinite(max_motion) and max_motion > 0):
+        raise ValueError(f"max_motion must be a finite number of px > 0, got {max_motion!r}")
+    top = max(MIN_AUTO_LEVELS - 1, math.ceil(math.log2(max_motion / CAPTURE_PX) - 1e-9))
+    return len(pyramid_mips(height, width, top + 1))
+
+
 def downsample_images(images: torch.Tensor) -> torch.Tensor:
     """``(N, C, H, W)`` float images -> one mip coarser, on their device
     (``emcore.pyramid.downsample_image_torch``: 2x2 mean over data pixels, 0 = no data kept)."""
@@ -192,8 +248,12 @@ DEFAULT_SMOOTH_FIELD_MIP = 4
 #: Sampling jitter of the last level in :func:`default_levels`, px at the input mip.
 DEFAULT_JITTER = 1.0
 #: Weight of the bending energy (:mod:`emcore.finetune.bending`, mip-0 units) on the last level's
-#: grid.
+#: grid: the stiffest candidate, fitted first.
 DEFAULT_BENDING = 5e3
+#: Softer weights the last level tries after :data:`DEFAULT_BENDING`, each item keeping the fit
+#: with the lowest held-out MSE (:mod:`emcore.finetune.selection`; measured in
+#: benchmarks/README.md, "Stiffness chosen by held-out pixels").
+DEFAULT_BENDING_CANDIDATES: tuple[float, ...] = (5e2,)
 #: Spring weight of that level relative to the call's ``sm``: with the bending energy doing the
 #: smoothing, the springs only keep the grid from folding over, and a low weight does not pull
 #: a strained section towards a rigid one.
@@ -251,6 +311,7 @@ def default_levels(height: int, width: int, levels: int, *, sm: float = 3.0) -> 
         sm=sm * DEFAULT_GRID_SM_FACTOR,
         bending=DEFAULT_BENDING,
         detail_mip=fine if fine < grid else None,
+        bending_candidates=DEFAULT_BENDING_CANDIDATES,
     )
     return [*coarse, last]
 
@@ -272,6 +333,57 @@ def jittered_target(tgt: torch.Tensor, jitter: float, seed: int = 0) -> tuple[to
     inside = 1.0 - F.max_pool2d(1.0 - has_data, kernel_size=5, stride=1, padding=2)
     full = warp(inside, offsets) >= 0.999
     return offsets, torch.where(full, warp(tgt, offsets, mode="bicubic"), torch.zeros_like(tgt))
+
+
+#: Patience of the softer fits of a held-out selection (they start next to their optimum).
+CANDIDATE_PATIENCE = 5
+
+
+def _select_bending(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    field: torch.Tensor,
+    masks: LossMasks,
+    level: Level,
+    base: AdamSchedule,
+    fit: Callable[..., LevelOutcome],
+    offsets: torch.Tensor | None,
+    backend: str,
+) -> LevelOutcome:
+    """The rule of :mod:`emcore.finetune.selection` for one level. Items failing its discrepancy
+    check (the MSE at the level's starting ``field`` above ``NOISE_FACTOR`` x the images' noise
+    variance) get the plain fit with ``level.bending`` on every pixel, exactly as without
+    candidates; the others are fitted with ``level.bending`` outside the held-out blocks, then with
+    each of ``level.bending_candidates`` (each fit starting from the previous one's field), and keep
+    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). If no item
+    passes the check, the softer fits are not run. ``iterations`` adds up over the fits an item
+    took part in (as if run alone), ``seconds`` over all; ``halvings`` is the chosen fit's."""
+    noise = noise_sigma(src).square() + noise_sigma(tgt).square()
+    start = heldout_mse(src, tgt, field, masks, backend=backend, sample_offsets=offsets)
+    eligible = start <= NOISE_FACTOR * noise
+    held = heldout_blocks(src.shape[-2], src.shape[-1], device=src.device) & eligible.view(-1, 1, 1, 1)
+    fit_masks, held_masks = split_masks(masks, held)  # fit_masks = masks for the other items
+    best = fit(field, masks=fit_masks, bending=level.bending)
+    if not bool(eligible.any()):
+        return best
+    score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
+    iterations, seconds, previous = best.iterations.clone(), best.seconds, best.field
+    again = replace(level.schedule(base), patience=CANDIDATE_PATIENCE)
+    for weight in level.bending_candidates:
+        out = fit(previous, masks=fit_masks, bending=float(weight), schedule=again)
+        new = heldout_mse(src, tgt, out.field, held_masks, backend=backend, sample_offsets=offsets)
+        better = eligible & (new < score * (1.0 - MIN_GAIN))
+        best = replace(
+            best,
+            field=torch.where(better.view(-1, 1, 1, 1), out.field, best.field),
+            loss=torch.where(better, out.loss, best.loss),
+            halvings=torch.where(better, out.halvings, best.halvings),
+        )
+        score = torch.where(better, new, score)
+        iterations = iterations + torch.where(eligible, out.iterations, torch.zeros_like(out.iterations))
+        seconds += out.seconds
+        previous = out.field
+    return replace(best, iterations=iterations, seconds=seconds)
 
 
 def coarse_to_fine(
@@ -332,11 +444,10 @@ def coarse_to_fine(
             detail_mip = level.detail_mip - level.mip
             radius = DETAIL_RADIUS * 2 ** (level.parameter_mip - level.detail_mip)
             detail_mask = defect_neighbourhood(sd, td, field, detail_mip, radius)
-        outcome = adam_finetune(
+        fit = partial(
+            adam_finetune,
             s,
             t,
-            field,
-            masks=masks,
             sm=sm if level.sm is None else level.sm,
             l2_weight=l2_weight,
             schedule=level.schedule(base),
@@ -344,10 +455,13 @@ def coarse_to_fine(
             check_every=check_every,
             field_mip=level.parameter_mip - level.mip,
             sample_offsets=offsets,
-            bending=level.bending,
             detail_mask=detail_mask,
             detail_mip=detail_mip,
         )
+        if level.bending_candidates:
+            outcome = _select_bending(s, t, field, masks, level, base, fit, offsets, backend)
+        else:
+            outcome = fit(field, masks=masks, bending=level.bending)
         outcomes.append(outcome)
         field = outcome.field
     return resample_field(field, mip, 0), outcomes
