@@ -6,6 +6,9 @@ API summary
   ``data/README.md`` for source, citation and license: CC BY-NC-SA 3.0).
 * ``VNC_RESOLUTION_NM = (4.6, 4.6, 50.0)``: nm per voxel (x, y, z).
 * ``load_vnc_sections(indices=None, crop=None) -> np.ndarray (Z, Y, X) uint8``.
+* ``REDUCED_MIP2_DIR``: ``<repo>/data/reduced_mip2``: every section of the shared VNC and medulla
+  stacks at mip 2 (``REDUCED_MIP``), so tests and model training run from a bare clone (see
+  :mod:`emcore.models.em_data`).
 * ``shared_data_dir() -> Path``: ``$SECTIONFLOW_SHARED_DATA``, default ``<repo>/../shared/data``.
 """
 
@@ -20,6 +23,8 @@ import numpy as np
 from emcore.stack_import import read_section
 
 __all__ = [
+    "REDUCED_MIP",
+    "REDUCED_MIP2_DIR",
     "REPO_ROOT",
     "VNC_NUM_SECTIONS",
     "VNC_RESOLUTION_NM",
@@ -30,6 +35,8 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VNC_STACK_DIR = REPO_ROOT / "data" / "vnc_stack1"
+REDUCED_MIP = 2
+REDUCED_MIP2_DIR = REPO_ROOT / "data" / "reduced_mip2"
 VNC_RESOLUTION_NM: tuple[float, float, float] = (4.6, 4.6, 50.0)
 VNC_NUM_SECTIONS = 10
 

@@ -13,17 +13,26 @@ API summary
 * :class:`UnalignedWriteError` - a write that does not start/end on the storage chunk grid.
 * :class:`StackImportError` - section files that cannot be imported (none, unreadable, mixed).
 * :class:`BlankSectionError` - a section with no tissue (or constant tissue); ``.section`` names it.
+* :class:`NonFiniteSectionError` - a section holding NaN/inf pixels; ``.section`` names it.
+* :class:`CorruptChunkError` - a stored chunk that cannot be decoded; ``.file`` and ``.layer`` name it.
+* :class:`StorageIOError` - a storage read/write that failed (an ``OSError``, retried as transient;
+  deliberately *not* a :class:`SectionflowError`).
+* :class:`OutputLockedError` - another run holds the lock of the same output.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BlankSectionError",
+    "CorruptChunkError",
     "GeometryError",
     "IncompatibleLayerError",
     "LayerNotFoundError",
+    "NonFiniteSectionError",
+    "OutputLockedError",
     "SectionflowError",
     "StackImportError",
+    "StorageIOError",
     "UnalignedWriteError",
 ]
 
@@ -61,4 +70,55 @@ class BlankSectionError(SectionflowError, ValueError):
 
     def __init__(self, section: object, reason: str) -> None:
         self.section = section
+        self.reason = reason
         super().__init__(f"section {section}: {reason}")
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.section, self.reason))
+
+
+class NonFiniteSectionError(SectionflowError, ValueError):
+    """A section whose pixels include NaN or inf (a float layer written by other software).
+
+    Attributes:
+        section: the section's name or z index, as given by the caller.
+    """
+
+    def __init__(self, section: object, reason: str) -> None:
+        self.section = section
+        self.reason = reason
+        super().__init__(f"section {section}: {reason}")
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.section, self.reason))
+
+
+class CorruptChunkError(SectionflowError, ValueError):
+    """A stored chunk file that cannot be decoded (truncated, zero bytes, wrong size).
+
+    Attributes:
+        file: the chunk file's full path (cloud URL).
+        layer: the layer's path.
+    """
+
+    def __init__(self, file: str, layer: str, reason: str) -> None:
+        self.file = file
+        self.layer = layer
+        self.reason = reason
+        super().__init__(
+            f"corrupt chunk {file} of layer {layer} ({reason}): re-import the layer, or delete that file "
+            "and rerun the stage that writes it (a missing chunk reads as 0 = no data)"
+        )
+
+    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
+        return (type(self), (self.file, self.layer, self.reason))
+
+
+class StorageIOError(OSError):
+    """A storage read or write that failed; names the layer and region. An ``OSError``, so chunk
+    tasks retry it (:mod:`tasks.retry`); after the retries the stage stops and the chunks already
+    written (and marked done) are kept for the rerun."""
+
+
+class OutputLockedError(SectionflowError, RuntimeError):
+    """Another sectionflow run holds the lock of this output (see :mod:`flows.lock`)."""

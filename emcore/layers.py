@@ -36,6 +36,19 @@ API summary
   ``.downsample(region, src_mip=0, dst_mip=None) -> list[VoxelBox]`` (rules of
   :mod:`emcore.pyramid`); ``.add_provenance(description, parameters, code_version)``.
 * ``require_same_resolution(layers, mip)``: raises ``IncompatibleLayerError`` if they differ.
+
+Failure behaviour
+-----------------
+* Writes are atomic per chunk file. On ``file://`` cloud-volume encodes the chunks into a private
+  staging folder (``<layer>/.sectionflow/staging/<uuid>/``) and each finished file is then moved
+  into place with ``os.replace``: a process killed inside a write leaves at most stray files in
+  staging, never a truncated chunk. Object stores (``gs://``, ``s3://``) get one ``put`` per chunk
+  file, which is atomic there.
+* A chunk file that cannot be decoded (truncated, zero bytes, not gzip, wrong size) raises
+  :class:`~emcore.errors.CorruptChunkError` naming the file and the layer, never a decoder
+  traceback; it is not retried.
+* An ``OSError`` from storage is raised as :class:`~emcore.errors.StorageIOError` (an ``OSError``:
+  chunk tasks retry it) naming the layer, the box and the mip.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,11 +68,14 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 
 from emcore.cutout import as_dataarray
-from emcore.errors import IncompatibleLayerError, LayerNotFoundError
+from emcore.errors import CorruptChunkError, IncompatibleLayerError, LayerNotFoundError, StorageIOError
 from emcore.geometry import BBox, ChunkGrid, Vec3, VoxelBox
 from emcore.pyramid import LAYER_KINDS, downsample
 
 __all__ = ["Layer", "create_layer", "normalize_path", "open_layer", "require_same_resolution"]
+
+STAGING_DIR = ".sectionflow/staging"
+"""Where ``file://`` writes are encoded before their files are moved into place (per layer)."""
 
 _DEFAULTS: dict[str, tuple[str, int]] = {"image": ("uint8", 1), "mask": ("uint8", 1), "field": ("float32", 2)}
 _ALLOWED_DTYPES: dict[str, tuple[str, ...]] = {
@@ -227,6 +245,16 @@ def open_layer(path: str | os.PathLike[str]) -> Layer:
     return Layer(cloudpath, copy.deepcopy(info))
 
 
+def _other_encodings(path: str) -> list[str]:
+    """Existing files of the same chunk as ``path`` under another compression extension."""
+    base = path
+    for ext in (".gz", ".br", ".zstd", ".xz", ".bz2"):
+        if path.endswith(ext):
+            base = path[: -len(ext)]
+    candidates = [base] + [base + ext for ext in (".gz", ".br", ".zstd", ".xz", ".bz2")]
+    return [c for c in candidates if c != path and os.path.exists(c)]
+
+
 def require_same_resolution(layers: Iterable[Layer], mip: int) -> tuple[float, float, float]:
     """The common resolution of ``layers`` at ``mip``; ``IncompatibleLayerError`` if they differ."""
     layers = list(layers)
@@ -366,12 +394,51 @@ class Layer:
         inside = box.intersection(self.bounds(mip))
         if inside.is_empty:
             return out
-        (x0, y0, z0), (x1, y1, z1) = inside.start, inside.stop
-        with _quiet():
-            cutout = np.asarray(self._volume(mip)[x0:x1, y0:y1, z0:z1])
+        cutout = self._cutout(inside, mip)
         z, y, x = inside.slices_zyx(box.start)
         out[z, :, y, x] = cutout.transpose(2, 3, 1, 0)
         return out
+
+    def _cutout(self, inside: VoxelBox, mip: int) -> np.ndarray:
+        """cloud-volume's ``(X, Y, Z, C)`` cutout of ``inside`` (within the bounds), errors made clear."""
+        (x0, y0, z0), (x1, y1, z1) = inside.start, inside.stop
+        try:
+            with _quiet():
+                return np.asarray(self._volume(mip)[x0:x1, y0:y1, z0:z1])
+        except OSError as exc:
+            raise StorageIOError(f"reading {inside} at mip {mip} of layer {self.path} failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - decoder errors of any library: find the chunk
+            self._raise_corrupt_chunk(inside, mip, exc)
+            raise
+
+    def chunk_file(self, chunk: VoxelBox, mip: int) -> str:
+        """The cloud path of the storage chunk file holding ``chunk`` (one grid chunk, at ``mip``)."""
+        (x0, y0, z0), (x1, y1, z1) = chunk.start, chunk.stop
+        return f"{self.path}/{self._scale(mip)['key']}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+
+    def _raise_corrupt_chunk(self, inside: VoxelBox, mip: int, first: BaseException) -> None:
+        """Read ``inside`` chunk by chunk; raise :class:`CorruptChunkError` for the first bad one."""
+        grid = self.grid(mip)
+        for chunk in grid.chunks(grid.align(inside), self.chunk_size(mip)):
+            (x0, y0, z0), (x1, y1, z1) = chunk.start, chunk.stop
+            try:
+                with _quiet():
+                    self._volume(mip)[x0:x1, y0:y1, z0:z1]
+            except OSError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - this chunk does not decode
+                reason = " ".join(str(exc).replace("Filename: N/A", "").split()) or type(exc).__name__
+                raise CorruptChunkError(self._stored_name(chunk, mip), self.path, reason) from first
+
+    def _stored_name(self, chunk: VoxelBox, mip: int) -> str:
+        """:meth:`chunk_file` with the compression extension it is stored under (local layers)."""
+        name = self.chunk_file(chunk, mip)
+        if name.startswith("file://"):
+            local = name[len("file://") :]
+            for ext in ("", ".gz", ".br", ".zstd", ".xz", ".bz2"):
+                if os.path.exists(local + ext):
+                    return name + ext
+        return name
 
     def read_xarray(self, region: BBox | VoxelBox, mip: int = 0, *, pad: int = 0, pad_z: int = 0) -> Any:
         """:meth:`read` as an ``xarray.DataArray`` with nm coordinates (see :mod:`emcore.cutout`)."""
@@ -428,8 +495,38 @@ class Layer:
         if box.is_empty:
             return
         (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
-        with _quiet():
-            self._volume(mip)[x0:x1, y0:y1, z0:z1] = np.ascontiguousarray(out.transpose(3, 2, 0, 1))
+        array = np.ascontiguousarray(out.transpose(3, 2, 0, 1))
+        try:
+            if self.path.startswith("file://"):
+                self._write_staged(box, array, mip)
+            else:  # object stores: one put per chunk file, atomic there
+                with _quiet():
+                    self._volume(mip)[x0:x1, y0:y1, z0:z1] = array
+        except OSError as exc:
+            raise StorageIOError(f"writing {box} at mip {mip} of layer {self.path} failed: {exc}") from exc
+
+    def _write_staged(self, box: VoxelBox, array: np.ndarray, mip: int) -> None:
+        """Encode ``array`` (cloud-volume ``(X, Y, Z, C)``) into a private staging folder, then move
+        each finished chunk file into the layer with ``os.replace`` (atomic on one filesystem)."""
+        root = self.path[len("file://") :]
+        staging = os.path.join(root, STAGING_DIR, uuid.uuid4().hex)
+        (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
+        try:
+            with _quiet():
+                volume = CloudVolume(
+                    "file://" + staging, mip=mip, info=copy.deepcopy(self._info), fill_missing=True,
+                    bounded=False, non_aligned_writes=False, progress=False, parallel=1,
+                )  # fmt: skip
+                volume[x0:x1, y0:y1, z0:z1] = array
+            for folder, _, files in os.walk(staging):
+                target_dir = os.path.join(root, os.path.relpath(folder, staging))
+                for name in files:
+                    os.makedirs(target_dir, exist_ok=True)
+                    for stale in _other_encodings(os.path.join(target_dir, name)):
+                        os.remove(stale)  # a chunk stored before under another compression
+                    os.replace(os.path.join(folder, name), os.path.join(target_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def downsample(
         self, region: BBox | VoxelBox, src_mip: int = 0, dst_mip: int | None = None

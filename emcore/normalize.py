@@ -9,7 +9,10 @@ API summary
 * ``tissue(image, mask=None) -> bool array``: the tissue pixels.
 * ``section_stats(image, mask=None, *, section=...) -> SectionStats(mean, std, count)``: exact
   float64 mean / population std over tissue. Raises :class:`~emcore.errors.BlankSectionError`
-  (naming ``section``) when there is no tissue or the tissue is constant (std below ``min_std``).
+  (naming ``section``) when there is no tissue or the tissue is constant (std below ``min_std``),
+  and :class:`~emcore.errors.NonFiniteSectionError` when any pixel is NaN or inf (not blank: the
+  data is broken and must be fixed, never aligned as "no tissue").
+* ``require_finite(image, section=...)``: that NaN/inf check alone.
 * ``normalize(image, mean, std, mask=None) -> float32``: ``(image - mean) / std`` on tissue, exactly
   0 elsewhere; tissue values that would be exactly 0.0 become ``TISSUE_FLOOR`` so 0 keeps meaning
   "no data".
@@ -25,9 +28,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emcore.errors import BlankSectionError
+from emcore.errors import BlankSectionError, NonFiniteSectionError
 
-__all__ = ["TISSUE_FLOOR", "SectionStats", "keep_tissue_nonzero", "normalize", "section_stats", "tissue"]
+__all__ = [
+    "TISSUE_FLOOR",
+    "SectionStats",
+    "keep_tissue_nonzero",
+    "normalize",
+    "require_finite",
+    "section_stats",
+    "tissue",
+]
 
 TISSUE_FLOOR = np.float32(1e-6)
 """The value a tissue pixel takes when its float value would be exactly 0.0 (0 means no data)."""
@@ -57,6 +68,22 @@ def tissue(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def require_finite(image: np.ndarray, *, section: object = "?") -> None:
+    """Raise :class:`~emcore.errors.NonFiniteSectionError` naming ``section`` if ``image`` has NaN/inf."""
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating):
+        return
+    finite = np.isfinite(image)
+    if not finite.all():
+        nan = int(np.isnan(image).sum())
+        inf = int(finite.size - finite.sum()) - nan
+        raise NonFiniteSectionError(
+            section,
+            f"{nan} NaN and {inf} inf pixels of {image.size}: fix the source layer (0 = no data), "
+            "then rerun; nothing was written",
+        )
+
+
 def section_stats(
     image: np.ndarray,
     mask: np.ndarray | None = None,
@@ -74,8 +101,10 @@ def section_stats(
 
     Raises:
         BlankSectionError: no tissue pixels, or constant tissue.
+        NonFiniteSectionError: NaN or inf pixels.
     """
     image = np.asarray(image)
+    require_finite(image, section=section)
     where = tissue(image, mask)
     values = image[where].astype(np.float64)
     if values.size == 0:

@@ -10,7 +10,8 @@ API summary
 -----------
 * :func:`stretch` -> grey uint8 of one section (contrast-stretched; 0 stays 0).
 * :func:`thumbnail` -> grey uint8, area-downsampled so the longer side is at most ``size`` px.
-* :func:`side_by_side` -> grey uint8 ``before | after`` (any number of panels) with optional labels.
+* :func:`side_by_side` -> uint8 ``before | after`` (any number of panels, grey or RGB) with labels.
+* :func:`line_plot` -> RGB uint8 plot of series over z (e.g. the rotation drift).
 * :func:`checkerboard` -> grey uint8 alternating ``square`` px squares of two sections.
 * :func:`red_cyan` -> RGB uint8: first section red, second cyan (aligned structure looks grey).
 * :func:`xz_reslice` -> grey uint8 ``(Z * z_scale, X)``: the stack cut at row ``y`` (sections as rows).
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "checkerboard",
     "field_colors",
+    "line_plot",
     "red_cyan",
     "save_png",
     "side_by_side",
@@ -110,20 +112,24 @@ def _grey_panel(panel: ArrayLike) -> np.ndarray:
 def side_by_side(
     panels: Sequence[ArrayLike], *, gap: int = 4, labels: Sequence[str] | None = None
 ) -> np.ndarray:
-    """Grey uint8 panels next to each other (``gap`` px of white between them).
+    """Panels next to each other (``gap`` px of white between them): grey uint8, or RGB uint8
+    ``(Y, X, 3)`` when any panel is RGB (grey panels are then repeated over the channels).
 
-    Panels that are 2D uint8 are used as they are; others go through :func:`stretch`. Panels of
-    different heights are top-aligned (padded with black). ``labels`` (one per panel) are drawn in
-    the top-left corner of each panel.
+    Panels that are uint8 pictures are used as they are; others go through :func:`stretch`. Panels
+    of different heights are top-aligned (padded with black). ``labels`` (one per panel) are drawn
+    in the top-left corner of each panel.
     """
     if not panels:
         raise ValueError("side_by_side needs at least one panel")
     if labels is not None and len(labels) != len(panels):
         raise ValueError(f"got {len(labels)} labels for {len(panels)} panels")
-    greys = [_grey_panel(p) for p in panels]
+    rgb = any(_numpy(p).ndim == 3 for p in panels)
+    greys = [_numpy(p) if _numpy(p).ndim == 3 else _grey_panel(p) for p in panels]
+    if rgb:
+        greys = [g if g.ndim == 3 else np.repeat(g[..., None], 3, axis=2) for g in greys]
     height = max(g.shape[0] for g in greys)
     width = sum(g.shape[1] for g in greys) + gap * (len(greys) - 1)
-    out = np.full((height, width), 255, dtype=np.uint8)
+    out = np.full((height, width, 3) if rgb else (height, width), 255, dtype=np.uint8)
     x = 0
     starts = []
     for g in greys:
@@ -135,12 +141,68 @@ def side_by_side(
         picture = Image.fromarray(out)
         draw = ImageDraw.Draw(picture)
         font = ImageFont.load_default()
+        white, black = ((255, 255, 255), (0, 0, 0)) if rgb else (255, 0)
         for x0, text in zip(starts, labels, strict=True):
             box = draw.textbbox((x0 + 4, 4), text, font=font)
-            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=0)
-            draw.text((x0 + 4, 4), text, fill=255, font=font)
+            draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=black)
+            draw.text((x0 + 4, 4), text, fill=white, font=font)
         out = np.asarray(picture)
     return out
+
+
+def line_plot(
+    series: dict[str, Sequence[float]],
+    *,
+    x: Sequence[float] | None = None,
+    title: str = "",
+    width: int = 480,
+    height: int = 240,
+) -> np.ndarray:
+    """RGB uint8 ``(height, width, 3)`` line plot of one or more series over ``x`` (default 0..n-1).
+
+    White background, a zero line, the y range and the x range printed at the axes, one colour
+    per series with a legend. NaN values leave a gap.
+    """
+    colours = [(200, 30, 30), (30, 90, 200), (20, 150, 60), (160, 90, 10)]
+    values = [np.asarray(v, dtype=np.float64) for v in series.values()]
+    if not values or not all(len(v) for v in values):
+        raise ValueError("line_plot needs at least one non-empty series")
+    n = max(len(v) for v in values)
+    xs = np.arange(n, dtype=np.float64) if x is None else np.asarray(x, dtype=np.float64)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(1)])
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi - lo < 1e-9:
+        lo, hi = lo - 1.0, hi + 1.0
+    left, right, top, bottom = 56, 10, 24, 22
+    picture = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    x0, x1 = float(xs.min()), float(xs.max()) if len(xs) > 1 else float(xs.min()) + 1
+
+    def to_px(xv: float, yv: float) -> tuple[float, float]:
+        px = left + (xv - x0) / max(x1 - x0, 1e-9) * (width - left - right)
+        py = top + (hi - yv) / (hi - lo) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle((left, top, width - right, height - bottom), outline=(0, 0, 0))
+    zy = to_px(x0, 0.0)[1]
+    draw.line((left, zy, width - right, zy), fill=(170, 170, 170))
+    draw.text((2, top - 4), f"{hi:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((2, height - bottom - 8), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left, height - bottom + 4), f"{x0:g}", fill=(0, 0, 0), font=font)
+    draw.text((width - right - 30, height - bottom + 4), f"{x1:g}", fill=(0, 0, 0), font=font)
+    draw.text((left + 4, 4), title, fill=(0, 0, 0), font=font)
+    for i, (name, v) in enumerate(zip(series, values, strict=True)):
+        colour = colours[i % len(colours)]
+        points = [to_px(float(xs[j]), float(v[j])) if np.isfinite(v[j]) else None for j in range(len(v))]
+        for a, b in zip(points[:-1], points[1:], strict=True):
+            if a is not None and b is not None:
+                draw.line((*a, *b), fill=colour, width=2)
+        for p in points:
+            if p is not None:
+                draw.ellipse((p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2), fill=colour)
+        draw.text((width - right - 150, top + 4 + 12 * i), name, fill=colour, font=font)
+    return np.asarray(picture)
 
 
 def _pair(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

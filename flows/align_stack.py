@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.layout import Layout
+from flows.lock import output_lock
 from flows.params import AlignParams
 from flows.runtime import local_cluster, task_runner
 from flows.stages import (
@@ -28,6 +28,7 @@ from flows.stages import (
     solve_flow,
 )
 from tasks.report import build_report
+from tasks.run_page import StageProgress, publish_report
 
 __all__ = ["STAGES", "align_stack", "run_stage", "stage_hook"]
 
@@ -60,8 +61,10 @@ STAGES: dict[str, Any] = {
 
 
 def run_stage(stage_flow: Any, params: Any, dask_address: str) -> dict[str, Any]:
-    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``."""
-    return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
+    """Run one stage flow with its chunk tasks on the cluster at ``dask_address``, holding the
+    output's lock (:mod:`flows.lock`: a second run into the same output refuses)."""
+    with output_lock(params.output):
+        return stage_flow.with_options(task_runner=task_runner(dask_address))(params)
 
 
 def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -80,15 +83,13 @@ def report_stage(params: AlignParams, summaries: dict[str, dict[str, Any]]) -> d
         aligned_defects=layout.aligned_defects if params.defects else None,
         true_fields=params.true_fields,
         blank=blank,
+        chunk_xy=params.chunk_xy,
+        fields_root=layout.fields_root,
         extra={
             "chunks": {name: {"done": s["done"], "skipped": s["skipped"]} for name, s in summaries.items()}
         },
     )
-    try:
-        create_markdown_artifact(report.markdown, key="alignment-report", description="sectionflow report")
-        create_table_artifact(report.rows, key="alignment-quality", description="per-section quality")
-    except Exception as exc:  # noqa: BLE001 - artifacts are a convenience; the files are the record
-        get_run_logger().warning("could not publish Prefect artifacts: %s", exc)
+    report.files["html"] = publish_report(report.markdown, report.rows, layout.report_dir)
     return {
         "stage": "report",
         "done": 1,
@@ -116,13 +117,17 @@ def align_stack(
     """
     logger = get_run_logger()
     summaries: dict[str, dict[str, Any]] = {}
-    with local_cluster(dask_address) as address:
+    with output_lock(params.output), local_cluster(dask_address) as address:
         logger.info("align_stack: chunk tasks run on the dask cluster at %s", address)
+        progress = StageProgress(list(STAGES))
         for name, stage_flow in STAGES.items():
             logger.info("align_stack: stage %s", name)
             summaries[name] = run_stage(stage_flow, params, address)
+            progress.stage_done(name, summaries[name])
             _notify(name, summaries[name])
-    summaries["report"] = report_stage(params, summaries)
+    with output_lock(params.output):
+        summaries["report"] = report_stage(params, summaries)
+    progress.stage_done("report", summaries["report"])
     _notify("report", summaries["report"])
     logger.info("align_stack finished: %s", summaries["report"]["summary"])
     return summaries

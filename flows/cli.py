@@ -26,7 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from emcore.errors import SectionflowError  # noqa: E402
+from emcore.errors import SectionflowError, StorageIOError  # noqa: E402
 
 app = typer.Typer(
     help="sectionflow: align serial-section EM stacks (normalize -> encode -> coarse align -> finetune -> "
@@ -71,6 +71,8 @@ def _fail(exc: Exception) -> None:
             console.print(f"  [red]{where}[/]: {err['msg']}")
     else:
         console.print(f"[bold red]error:[/] {exc}")
+        if isinstance(exc, StorageIOError):
+            console.print("  (after retries; the chunks finished so far are kept: rerun the same command)")
     raise typer.Exit(code=2)
 
 
@@ -117,7 +119,7 @@ def _stage_command(name: str) -> None:
         try:
             params = _params(config, source, output, set_)
             summaries = _run_stages(params, dask_address, [name])
-        except (ValidationError, SectionflowError) as exc:
+        except (ValidationError, SectionflowError, StorageIOError) as exc:
             _fail(exc)
             return
         console.print(_stage_table(summaries))
@@ -185,11 +187,16 @@ def align_stack_command(
         params = _params(config, source, output, set_)
         _print_plan(params)
         summaries = _run_align_stack(params, dask_address)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     console.print(_stage_table({k: v for k, v in summaries.items() if k != "report"}))
     console.print(summaries["report"]["markdown"])
+    from flows.demo import residual_line, verdict_line
+
+    summary = dict(summaries["report"]["summary"], finetune_mip=params.finetune_mip)
+    console.print(residual_line(summary))
+    console.print(verdict_line(summary))
 
 
 @app.command("downsample")
@@ -209,7 +216,7 @@ def downsample_command(
         ensure_local_api()
         with local_cluster(dask_address) as address:
             summary = downsample_flow.with_options(task_runner=task_runner(address))(params)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     console.print(_stage_table({"downsample": summary}))
@@ -249,7 +256,7 @@ def demo_command(
     dask_address: DaskOpt = None,
 ) -> None:
     """Misalign the bundled real EM stack by a known deformation, align it back, print the report."""
-    from flows.demo import demo_params, prepare_demo, residual_line
+    from flows.demo import demo_params, prepare_demo, residual_line, verdict_line
 
     started = time.perf_counter()
     try:
@@ -258,7 +265,7 @@ def demo_command(
         console.print(f"[green]OK[/] demo input: {paths['misaligned']} (known deformation, flows/demo.py)")
         params = demo_params(output, paths)
         summaries = _run_align_stack(params, dask_address)
-    except (ValidationError, SectionflowError) as exc:
+    except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)
         return
     report = summaries["report"]
@@ -270,6 +277,7 @@ def demo_command(
     console.print(f"outputs: {params.output} (aligned, fields/final, masks/aligned_defects, ...)")
     console.print(f"report and pictures: {Path(report['files']['markdown']).parent}")
     console.print(f"total {time.perf_counter() - started:.0f} s")
+    console.print(verdict_line(summary))
 
 
 @app.command("serve")
@@ -281,6 +289,118 @@ def serve_command() -> None:
 
     console.print("Serving deployments; start a UI with `prefect server start` and set PREFECT_API_URL.")
     serve(*deployments())
+
+
+def _z_range(text: str) -> tuple[int, int]:
+    """``"3"`` -> (3, 4); ``"2:5"`` -> (2, 5) (sections 2, 3, 4)."""
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return int(a), int(b)
+        return int(text), int(text) + 1
+    except ValueError as exc:
+        raise ValueError(f"--z expects a section (3) or a range (2:5), got {text!r}") from exc
+
+
+@app.command("export-field")
+def export_field_command(
+    output: Annotated[str, typer.Argument(help="alignment output (its fields/final) or a field layer")],
+    dest: Annotated[str, typer.Argument(help="destination: *.npy, *.zarr, or a layer path for corgie")],
+    format_: Annotated[
+        str | None, typer.Option("--format", help="npy, ome-zarr or corgie (default: from DEST's name)")
+    ] = None,
+    z: Annotated[str | None, typer.Option(help="a section (3) or a range z0:z1 (default: all)")] = None,
+    xy: Annotated[
+        str | None, typer.Option(help="region x0,y0,x1,y1 in px at the field's mip (default: all)")
+    ] = None,
+    mip: Annotated[int | None, typer.Option(help="the field's mip (default: its finetune_mip)")] = None,
+) -> None:
+    """Write a section's or a region's final field as .npy, OME-Zarr (NGFF 0.6) or corgie's layout."""
+    from emcore.geometry import VoxelBox
+    from tasks.field_io import export_field, field_mip, guess_format, resolve_field_layer
+
+    try:
+        layer = resolve_field_layer(output)
+        at = mip if mip is not None else field_mip(layer)
+        if at is None:
+            raise ValueError(f"{layer.path} records no finetune_mip; pass --mip")
+        bounds = layer.bounds(at)
+        (x0, y0, z0), (x1, y1, z1) = bounds.start, bounds.stop
+        if z is not None:
+            z0, z1 = _z_range(z)
+        if xy is not None:
+            try:
+                x0, y0, x1, y1 = (int(v) for v in xy.split(","))
+            except ValueError as exc:
+                raise ValueError(f"--xy expects x0,y0,x1,y1 (px at mip {at}), got {xy!r}") from exc
+        region = VoxelBox((x0, y0, z0), (x1, y1, z1))
+        if not bounds.contains(region):
+            raise ValueError(f"region {region} is not inside the field's bounds {bounds} at mip {at}")
+        record = export_field(layer, dest, format_ or guess_format(dest), mip=at, region=region)
+    except (SectionflowError, ValueError) as exc:
+        _fail(exc)
+        return
+    console.print(
+        f"[green]exported[/] {record['layout']} field z {z0}..{z1 - 1}, {x1 - x0} x {y1 - y0} px at mip {at} "
+        f"({record['units']}) -> {dest}",
+        soft_wrap=True,
+    )
+
+
+@app.command("import-field")
+def import_field_command(
+    src: Annotated[str, typer.Argument(help="a field from export-field: *.npy, *.zarr or a corgie layer")],
+    dest: Annotated[str, typer.Argument(help="sectionflow field layer to write (channel 0 = x, px)")],
+    mip: Annotated[int | None, typer.Option(help="only for a corgie layer without a record: its mip")] = None,
+    chunk: Annotated[int, typer.Option(help="storage chunk in x and y (px)")] = 128,
+) -> None:
+    """Read a field in any export-field format back into a sectionflow field layer."""
+    from tasks.field_io import import_field, write_field_layer
+
+    try:
+        field, record = import_field(src, mip=mip)
+        layer = write_field_layer(dest, field, record, chunk=chunk)
+    except (SectionflowError, ValueError) as exc:
+        _fail(exc)
+        return
+    console.print(
+        f"[green]imported[/] {record['layout']} field {tuple(field.shape)} at mip {record['mip']} "
+        f"-> {layer.path}",
+        soft_wrap=True,
+    )
+
+
+@app.command("view")
+def view_command(
+    output: Annotated[str, typer.Argument(help="alignment output (local path, file://, gs://, s3://)")],
+    source: Annotated[str | None, typer.Option(help="source layer (default: the run's provenance)")] = None,
+    bind: Annotated[str, typer.Option(help="address to serve on (127.0.0.1: this host only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="viewer port (0: any free port)")] = 0,
+    data_port: Annotated[int, typer.Option(help="port serving the local layers (0: any free port)")] = 0,
+    open_browser: Annotated[bool, typer.Option("--open", help="also open the URL in a browser")] = False,
+) -> None:
+    """Show the output's layers in a local Neuroglancer (offline); prints the viewer URL on one line."""
+    from flows.view import start_view
+
+    try:
+        session = start_view(output, source, bind=bind, port=port, data_port=data_port)
+    except (SectionflowError, ValueError, OSError) as exc:
+        _fail(exc)
+        return
+    names = ", ".join(layer.name for layer in session.layers)
+    print(f"layers: {names} (local ones served at {session.server.base_url}); start: {session.start_reason}",
+          file=sys.stderr, flush=True)
+    print(session.url, flush=True)  # plain print: one line, never wrapped
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(session.url)
+    print("serving until Ctrl-C", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        session.close()
 
 
 def main() -> None:  # pragma: no cover - console entry point

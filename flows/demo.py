@@ -213,4 +213,19 @@ def residual_line(summary: dict[str, Any]) -> str:
     cb, ca = summary.get("corr_before_mean"), summary.get("corr_after_mean")
     if cb is not None and not math.isnan(cb):
         parts.append(f"neighbour correlation {cb:.3f} -> {ca:.3f}")
+    if "rotation_drift_deg" in summary:
+        parts.append(
+            f"rotation drift {summary['rotation_drift_deg']:.3f} deg, non-affine p95 "
+            f"{summary['non_affine_p95_mean_px']:.2f} px, seam ratio {summary['seam_ratio_median']:.2f}"
+        )
     return "; ".join(parts)
+
+
+def verdict_line(summary: dict[str, Any]) -> str:
+    """The run's last line: how many sections are flagged and why, or that none is (for the CLI)."""
+    flagged = summary.get("flagged") or {}
+    if not flagged:
+        return "no section flagged (see the report's stack-trust table)"
+    ordered = sorted(flagged.items(), key=lambda kv: int(kv[0]))
+    reasons = "; ".join(f"z={z}: {', '.join(r)}" for z, r in ordered)
+    return f"{len(flagged)} sections flagged - check them before using the stack: {reasons}"

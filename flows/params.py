@@ -28,6 +28,7 @@ from emcore.layers import Layer, open_layer
 from emcore.mip_plan import choose_mips
 from emcore.models import load_model
 from emcore.models.refine import LEARNED_METHODS
+from flows.validate import check_inputs
 
 __all__ = ["AlignParams", "DownsampleParams", "load_params"]
 
@@ -36,6 +37,10 @@ Mip = Annotated[int, Field(ge=0, le=12)]
 #: Stack-solve anchor: 1 pair's weight = a drift length of about 1 section for residual fields
 #: (benchmarks/README.md, "Stack benchmark").
 DEFAULT_ANCHOR = 1.0
+
+#: The coarse stage reads whole sections at the coarse mip: the largest side it accepts (px).
+#: 4096^2 float32 images and their FFTs stay under ~1 GiB per worker.
+MAX_COARSE_PX = 4096
 
 
 class AlignParams(BaseModel):
@@ -107,6 +112,12 @@ class AlignParams(BaseModel):
         description="stack solve: weight pulling each section's residual field towards 0 (per pixel, "
         "relative to one pair); stops non-affine drift along z",
     )
+    solve_block_z: int = Field(
+        64, gt=0, description="stack solve: sections per task (the solve is local in z thanks to the anchor)"
+    )
+    solve_overlap_z: int = Field(
+        8, ge=0, description="stack solve: sections read beyond each block on both sides (context in z)"
+    )
     smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
     robust_px: float = Field(2.0, gt=0, allow_inf_nan=False, description="stack-solve Cauchy scale (px)")
 
@@ -156,6 +167,7 @@ class AlignParams(BaseModel):
         if self.pad > self.chunk_xy:
             raise ValueError(f"pad={self.pad} must not exceed chunk_xy={self.chunk_xy} (context per side)")
         self._check_coarse_model_resolution(layer)
+        self._check_coarse_section_fits(layer)
         for name in ("defects", "true_fields"):
             path = getattr(self, name)
             if path is not None:
@@ -163,11 +175,25 @@ class AlignParams(BaseModel):
                     open_layer(path)
                 except SectionflowError as exc:
                     raise ValueError(f"{name}: {exc}") from None
+        check_inputs(self, layer)
         if self.bbox_nm is not None:
             box = self.region(layer, 0)
             if box.is_empty:
                 raise ValueError(f"bbox_nm {self.bbox_nm} does not overlap the source {layer.bbox}")
         return self
+
+    def _check_coarse_section_fits(self, layer: Layer) -> None:
+        """The coarse stage holds whole sections: at most ``MAX_COARSE_PX`` px per side."""
+        side = max(self.region(layer, self.coarse_mip).shape[:2])
+        if side > MAX_COARSE_PX:
+            fits = next((m for m in range(self.coarse_mip, layer.num_mips)
+                         if max(self.region(layer, m).shape[:2]) <= MAX_COARSE_PX), None)
+            hint = f"use coarse_mip={fits} or coarser" if fits is not None else (
+                "add coarser mips to the source (sectionflow downsample)")
+            raise ValueError(
+                f"coarse_mip={self.coarse_mip} gives sections of {side} px; the coarse stage holds whole "
+                f"sections in memory, up to {MAX_COARSE_PX} px per side: {hint}"
+            )
 
     def _check_coarse_model_resolution(self, layer: Layer) -> None:
         """A learned coarse method needs ``coarse_mip`` within its model's trained resolution range."""

@@ -8,14 +8,23 @@
   one ``align_stack`` run share it instead of each starting their own.
 * :func:`ensure_local_api` - when no ``PREFECT_API_URL`` is configured, start Prefect's embedded
   temporary API server once in this process and export its URL, so the dask worker processes
-  report to the same API instead of each starting their own.
+  report to the same API instead of each starting their own. It gives the server
+  :func:`startup_timeout` seconds to come up (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``,
+  default 300 here instead of Prefect's 20, which a loaded machine exceeds), its own SQLite
+  database in a fresh temporary folder (:func:`run_database_url`; concurrent runs otherwise share
+  ``~/.prefect/prefect.db`` and answer ``503``), raises the client's retries of transient API
+  errors (``PREFECT_CLIENT_MAX_RETRIES``, default 10 here) for the processes started after it, and
+  logs all three.
 * :func:`wait_all` - wait for submitted chunk tasks, logging progress, and return their results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,9 +33,27 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 
-__all__ = ["default_workers", "ensure_local_api", "local_cluster", "task_runner", "wait_all"]
+__all__ = [
+    "DEFAULT_CLIENT_RETRIES",
+    "DEFAULT_STARTUP_TIMEOUT_S",
+    "default_workers",
+    "ensure_local_api",
+    "local_cluster",
+    "run_database_url",
+    "startup_timeout",
+    "task_runner",
+    "wait_all",
+]
 
 _SERVER: Any = None
+DEFAULT_STARTUP_TIMEOUT_S = 300
+"""Seconds the embedded Prefect API may take to start (Prefect's own default, 20 s, is too short
+on a loaded machine); ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` overrides it."""
+DEFAULT_CLIENT_RETRIES = 10
+"""Prefect client retries of transient API answers (429 / 502 / 503, with backoff) unless
+``PREFECT_CLIENT_MAX_RETRIES`` is set (Prefect's default is 5)."""
+_DB_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+_log = logging.getLogger("sectionflow.runtime")
 
 
 def default_workers() -> int:
@@ -63,8 +90,36 @@ def local_cluster(address: str | None = None, n_workers: int | None = None) -> I
         yield cluster.scheduler_address
 
 
+def startup_timeout() -> int:
+    """Seconds to wait for the embedded API: the environment's value, else 300."""
+    raw = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    try:
+        return max(1, int(float(raw))) if raw else DEFAULT_STARTUP_TIMEOUT_S
+    except ValueError:
+        raise ValueError(
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={raw!r} is not a number of seconds"
+        ) from None
+
+
+def run_database_url() -> tuple[str, str | None]:
+    """The database of this process's embedded API: ``(url, folder to delete at exit or None)``.
+
+    A database the user configured (``PREFECT_SERVER_DATABASE_CONNECTION_URL`` or
+    ``PREFECT_API_DATABASE_CONNECTION_URL``) is kept; otherwise a SQLite file in a new temporary
+    folder, so concurrent runs never share (and lock) one database.
+    """
+    for name in _DB_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name], None
+    folder = tempfile.mkdtemp(prefix="sectionflow-prefect-")
+    return f"sqlite+aiosqlite:///{os.path.join(folder, 'prefect.db')}", folder
+
+
 def ensure_local_api() -> str | None:
-    """Start Prefect's temporary local API once if no ``PREFECT_API_URL`` is set; return the URL."""
+    """Start Prefect's temporary local API once if no ``PREFECT_API_URL`` is set; return the URL.
+
+    See the module docstring for the start-up timeout, the per-run database and the retries.
+    """
     global _SERVER
     from prefect.settings import PREFECT_API_URL
 
@@ -73,10 +128,24 @@ def ensure_local_api() -> str | None:
         return configured
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(DEFAULT_CLIENT_RETRIES))
     from prefect.server.api.server import SubprocessASGIServer
 
+    timeout = startup_timeout()
+    url, folder = run_database_url()
+    if folder is not None:
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url  # read by the server subprocess
+        import atexit
+
+        atexit.register(shutil.rmtree, folder, True)  # runs after the server's own atexit stop
+    _log.warning(
+        "sectionflow: starting Prefect's temporary API (start-up timeout %d s: "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; database %s; client retries %s: "
+        "PREFECT_CLIENT_MAX_RETRIES); set PREFECT_API_URL to use a running Prefect server instead",
+        timeout, url.split("///", 1)[-1], os.environ["PREFECT_CLIENT_MAX_RETRIES"],
+    )  # fmt: skip
     _SERVER = SubprocessASGIServer()
-    _SERVER.start()
+    _SERVER.start(timeout=timeout)
     os.environ["PREFECT_API_URL"] = _SERVER.api_url
     return _SERVER.api_url
 

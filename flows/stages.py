@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 
 from emcore.blend import blend_margin
 from emcore.errors import LayerNotFoundError
+from emcore.geometry import VoxelBox
 from emcore.layers import Layer, create_layer, open_layer
 from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
@@ -317,23 +318,32 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
     out = _create_like(normalized, layout.final_fields, "field")
     mip = params.finetune_mip
     region = params.region(out, mip)
-    xy = out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, region.shape[2]))
+    xy = list(out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, region.shape[2])))
+    # z-blocks with overlap: the anchored residual solve is local in z, so a block of
+    # ``solve_block_z`` sections read with ``solve_overlap_z`` sections on each side equals the
+    # whole-stack solve inside its core (tested), and a task's memory does not grow with the stack.
+    z_start, z_stop = region.start[2], region.stop[2]
+    step = params.solve_block_z
+    blocks = [(z, min(z + step, z_stop)) for z in range(z_start, z_stop, step)]
     futures = [
         solve_chunk_task.submit(
             pair_layers,
             out.path,
-            box,
+            VoxelBox((box.start[0], box.start[1], max(z_start, lo - params.solve_overlap_z)),
+                     (box.stop[0], box.stop[1], min(z_stop, hi + params.solve_overlap_z))),
             mip,
             pad=params.pad,
             used_pairs=used,
             blank=blank,
             affines=affines,
             region=region,
+            core_z=(lo, hi),
             smoothness=params.smoothness,
             anchor=params.anchor,
             robust_px=params.robust_px,
         )
         for box in xy
+        for lo, hi in blocks
     ]
     outcomes = wait_all(futures, "solve")
     _provenance(out, "sectionflow final fields (vector voting + global stack solve)", params)

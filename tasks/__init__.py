@@ -7,5 +7,6 @@ pad, calls emcore, crops, writes a chunk-aligned output, and then writes a compl
 
 Modules: ``markers`` (idempotency), ``version`` (code version), ``retry`` (transient storage errors),
 ``io`` (reads through a field), ``normalize``, ``encode``, ``pyramid`` (downsample), ``coarse``,
-``finetune``, ``solve``, ``render``, ``report``.
+``finetune``, ``solve``, ``render``, ``report``; ``report_html`` (the report with inline pictures,
+``report.html``), ``run_page`` (artifacts on the ``align_stack`` run), ``field_io`` (export/import fields).
 """

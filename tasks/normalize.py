@@ -5,6 +5,10 @@
   written as zeros ("no data"), and later stages skip or see through them.
 * :func:`normalize_chunk_task` - ``(image - mean) / std`` on tissue (0 stays "no data") for one
   chunk at one mip, written to a float32 image layer.
+
+A section with NaN/inf pixels is refused (:class:`~emcore.errors.NonFiniteSectionError` naming it,
+not retried): by the stats task, which runs for every section before any chunk is written, and
+again by the chunk task for what the coarse mip did not show.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from prefect import task
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
-from emcore.normalize import normalize, section_stats
+from emcore.normalize import normalize, require_finite, section_stats
 from tasks.markers import ChunkMarker, ChunkOutcome
 from tasks.retry import CHUNK_TASK_OPTIONS
 
@@ -30,6 +34,7 @@ def section_stats_task(source: str, z: int, mip: int, defects: str | None = None
     box = VoxelBox((bounds.start[0], bounds.start[1], z), (bounds.stop[0], bounds.stop[1], z + 1))
     image = layer.read(box, mip)[0, 0]
     mask = open_layer(defects).read(box, mip)[0, 0] if defects else None
+    require_finite(image, section=f"{z} of {source} (mip {mip})")
     try:
         stats = section_stats(image, mask, section=z)
     except BlankSectionError as exc:
@@ -57,6 +62,7 @@ def normalize_chunk_task(
     result = np.zeros(image.shape, dtype=np.float32)
     for i, z in enumerate(range(box.start[2], box.stop[2])):
         s = stats[z]
+        require_finite(image[i], section=f"{z} of {source} (mip {mip}, {box})")
         if s["blank"]:
             continue  # no tissue: stays 0 = no data
         result[i] = normalize(image[i], s["mean"], s["std"], None if mask is None else mask[i])

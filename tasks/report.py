@@ -33,6 +33,7 @@ from emcore.layers import Layer, open_layer
 from emcore.metrics import field_residual
 from emcore.pictures import save_png, side_by_side, thumbnail, xz_reslice
 from emcore.quality import neighbour_correlation
+from tasks.report_stack import stack_section
 
 __all__ = ["RunReport", "build_report", "neuroglancer_instructions", "report_mip"]
 
@@ -68,18 +69,16 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 
 def neuroglancer_instructions(layer_paths: dict[str, str]) -> str:
-    """Markdown telling how to view local layers in Neuroglancer (served with CORS on port 1337)."""
-    layers = []
-    for name, path in layer_paths.items():
-        rel = path.rsplit("/", 1)[-1] if "/" in path else path
-        kind = "segmentation" if "mask" in name else "image"
-        layers.append({"type": kind, "source": f"precomputed://http://localhost:1337/{rel}", "name": name})
-    state = json.dumps({"layers": layers, "layout": "xy"}, separators=(",", ":"))
+    """Markdown: the ``sectionflow view`` command showing the output's layers in a local Neuroglancer."""
+    aligned, source = layer_paths["aligned"], layer_paths.get("source")
+    output = aligned[: -len("/aligned")] if aligned.endswith("/aligned") else aligned
+    command = f"sectionflow view {output.removeprefix('file://')}"
+    if source:
+        command += f" --source {source.removeprefix('file://')}"
     return (
-        "Serve the output directory with CORS, e.g. `cd <output> && npx http-server -p 1337 --cors` "
-        "(or `python -c \"from cloudvolume import CloudVolume; CloudVolume('file://<layer>').viewer()\"` "
-        "for one layer), then open Neuroglancer with this state (layer names relative to the output dir):\n\n"
-        f"`https://neuroglancer-demo.appspot.com/#!{state}`\n"
+        "See the aligned stack, the source, the defect masks and the field in a local Neuroglancer "
+        "(offline; it prints one URL to open and starts at the worst flagged section):\n\n"
+        f"```\n{command}\n```\n"
     )
 
 
@@ -96,11 +95,15 @@ def build_report(
     true_fields: str | None = None,
     blank: list[int] | None = None,
     extra: dict[str, Any] | None = None,
+    chunk_xy: int | None = None,
+    fields_root: str | None = None,
 ) -> RunReport:
     """Measure before/after quality, write pictures and the markdown report to ``out_dir``.
 
     Args:
         region: the aligned region, voxels at mip 0 (xy is scaled to the report mip).
+        chunk_xy, fields_root: the processing chunk (px at the finetune mip) and ``<out>/fields``:
+            with both, the stack-trust section (:mod:`tasks.report_stack`) is added.
     """
     src = open_layer(source)
     out = open_layer(aligned)
@@ -120,16 +123,16 @@ def build_report(
     rows: list[dict[str, Any]] = []
     res_before: list[float] = []
     res_after: list[float] = []
-    truth = final = None
+    truth = None
     exclude = None
+    fm = 2**finetune_mip
+    fbox = VoxelBox(
+        (region.start[0] // fm, region.start[1] // fm, region.start[2]),
+        (-(-region.stop[0] // fm), -(-region.stop[1] // fm), region.stop[2]),
+    )
+    final = torch.from_numpy(open_layer(final_fields).read(fbox, finetune_mip))
     if true_fields:
-        fm = 2**finetune_mip
-        fbox = VoxelBox(
-            (region.start[0] // fm, region.start[1] // fm, region.start[2]),
-            (-(-region.stop[0] // fm), -(-region.stop[1] // fm), region.stop[2]),
-        )
         truth = torch.from_numpy(open_layer(true_fields).read(fbox, finetune_mip))
-        final = torch.from_numpy(open_layer(final_fields).read(fbox, finetune_mip))
         if aligned_defects:
             m = torch.from_numpy(open_layer(aligned_defects).read(fbox, finetune_mip)).float()
             exclude = F.max_pool2d(m, 2 * DEFECT_MARGIN + 1, stride=1, padding=DEFECT_MARGIN) > 0
@@ -186,6 +189,17 @@ def build_report(
         )
     )
 
+    stack = None
+    if chunk_xy is not None and fields_root is not None:
+        stack = stack_section(
+            final=final, zs=zs, chunk_xy=chunk_xy, fields_root=fields_root, rows=rows, before=before,
+            after=after, blank=blank, out_dir=out_dir, finetune_mip=finetune_mip,
+        )  # fmt: skip
+        files.update(stack.files)
+        for row in rows:
+            row.update({f"g_{k}": v for k, v in stack.metrics[row["z"]].items()})
+            row["flags"] = ";".join(stack.flags.get(row["z"], []))
+
     def _mean(key: str) -> float:
         vals = [r[key] for r in rows if not math.isnan(r[key]) and not r["blank"]]
         return float(np.mean(vals)) if vals else float("nan")
@@ -202,6 +216,8 @@ def build_report(
             residual_after_median_px=float(np.median(res_after)),
             residual_after_worst_section_px=float(np.max(res_after)),
         )
+    if stack is not None:
+        summary.update(stack.summary)
     summary.update(extra or {})
 
     lines = [
@@ -242,12 +258,15 @@ def build_report(
             f"{summary['residual_after_median_px']:.2f} "
             f"(worst section {summary['residual_after_worst_section_px']:.2f})."
         )
+    if stack is not None:
+        lines += ["", *stack.lines]
     lines += [
         "",
         "## Pictures",
         "",
         f"* before/after thumbnails: `{files['thumbnails']}`",
         f"* x-z reslice before/after: `{files['xz_reslice']}`",
+        *(f"* {name}: `{files[name]}`" for name in ("overlay", "drift") if name in files),
         "",
         "## Neuroglancer",
         "",

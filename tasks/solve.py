@@ -74,6 +74,7 @@ def solve_chunk_task(
     blank: list[int],
     affines: dict[str, list[list[float]]],
     region: VoxelBox,
+    core_z: tuple[int, int] | None = None,
     smoothness: float = 0.0,
     anchor: float = 0.0,
     robust_px: float = 2.0,
@@ -88,7 +89,12 @@ def solve_chunk_task(
         blank: absolute indices of blank sections (interpolated).
         affines: ``{str(z): 2 x 3}`` section affines at ``mip`` (origin = ``region.start``).
         region: the region the chunks tile (voxels at ``mip``).
+        core_z: the sections ``[lo, hi)`` this task writes (default all of ``box``); the others
+            are z context.
     """
+    lo, hi = (box.start[2], box.stop[2]) if core_z is None else core_z
+    if not box.start[2] <= lo < hi <= box.stop[2]:
+        raise ValueError(f"core_z {core_z} must lie inside the box's z range {box.start[2]}:{box.stop[2]}")
     params = {
         "mip": mip,
         "pad": pad,
@@ -99,6 +105,7 @@ def solve_chunk_task(
         "robust_px": robust_px,
         "affines": {z: affines[z] for z in sorted(affines)},
         "region": str(region),
+        "core_z": [lo, hi],
     }
     marker = ChunkMarker(
         output, "solve", f"{box}@{mip}", tuple(pair_layers[k] for k in sorted(pair_layers)), params
@@ -127,12 +134,13 @@ def solve_chunk_task(
     offset = (box.start[0] - region.start[0], box.start[1] - region.start[1])
     final = torch.cat([
         compose_with_affine(fields[i : i + 1], shift_origin(torch.tensor(affines[str(z0 + i)]), offset))
-        for i in range(num)
+        for i in range(lo - z0, hi - z0)
     ])  # fmt: skip
-    open_layer(output).write(box, final.numpy(), mip)
+    core = VoxelBox((box.start[0], box.start[1], lo), (box.stop[0], box.stop[1], hi))
+    open_layer(output).write(core, final.numpy(), mip)
     detail = {
         "fixed": solution.fixed + z0,
-        "interpolated": [z + z0 for z in solution.interpolated],
+        "interpolated": [z + z0 for z in solution.interpolated if lo <= z + z0 < hi],
         "pair_weight": {f"{z + z0}-{k}": round(float(w), 3) for (z, k), w in solution.pair_weight.items()},
         "converged": bool(solution.converged),
         "sweeps": int(solution.sweeps),

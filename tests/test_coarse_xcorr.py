@@ -178,3 +178,22 @@ def test_matrix_helpers_match_the_synthetic_field_and_invert_exactly():
     inv = invert_matrix(m)
     assert torch.allclose(compose_matrices(inv, m), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(compose_matrices(m, inv), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12)
+
+
+def test_failed_patch_fit_falls_back_to_a_measured_translation_not_a_grid_angle(sections):
+    """Cause of the "-2.000 deg" pairs: when the patches did not support the model, the result was
+    the global estimate at the best *trial* angle (a grid value). Now it is a translation measured
+    without rotation, flagged as such."""
+    applied = affine_field(SIZE, SIZE, rotation_deg=1.6, translation=(6.0, -4.0))
+    src = warp(sections[0], applied)
+    result = coarse_align(src, sections[0], model="rigid", min_inliers=10_000)  # the patches can't agree
+    rotation = math.degrees(math.atan2(float(result.matrix[1, 0]), 1 + float(result.matrix[0, 0])))
+    assert rotation == 0.0  # before: exactly 2.0, the nearest trial angle
+    assert result.reliable and result.reason.startswith("translation only"), result.reason
+    assert float(result.matrix[:, 2].norm()) > 3.0  # the shift was measured
+
+
+def test_peak_at_the_search_limit_is_never_reliable(sections):
+    src = warp(sections[0], affine_field(SIZE, SIZE, translation=(14.0, 0.0)))
+    est = estimate_translation(src, sections[0], max_shift=12)  # the true shift is just beyond
+    assert not est.reliable and "search limit" in est.reason

@@ -1,7 +1,9 @@
 """The real EM stacks models are trained and benchmarked on, at a chosen mip, normalized.
 
 Datasets (in :func:`emcore.bundled.shared_data_dir`, ``$SECTIONFLOW_SHARED_DATA``; see its README
-for sources and licenses):
+for sources and licenses; when that folder lacks a section, its mip-2 copy shipped in
+``data/reduced_mip2/`` (:data:`emcore.bundled.REDUCED_MIP2_DIR`, made by the same
+:func:`emcore.pyramid.downsample_image`) serves every ``mip >= 2`` bitwise identically):
 
 * ``"vnc"``: ``drosophila_vnc_stack1/00.tif .. 19.tif``, 1024 px, 4.6 nm/px (ssTEM, registered).
 * ``"medulla"``: ``drosophila_medulla_fibsem/00.png .. 63.png``, 520 px, 10 nm/px (FIB-SEM,
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emcore.bundled import shared_data_dir
+from emcore.bundled import REDUCED_MIP, REDUCED_MIP2_DIR, shared_data_dir
 from emcore.normalize import normalize, section_stats
 from emcore.pyramid import downsample_image
 from emcore.stack_import import read_section
@@ -69,6 +71,19 @@ def _read(path: Path) -> np.ndarray:
     return read_section(path)
 
 
+def _read_at_most(info: Dataset, index: int, mip: int) -> tuple[np.ndarray, int]:
+    """Section ``index`` as ``(1, 1, Y, X)`` uint8 at the finest stored mip ``<= mip``, and that mip.
+
+    The full-resolution file in the shared data when it is there; else, for ``mip >= 2``, the
+    bundled mip-2 copy (identical to downsampling the full section twice).
+    """
+    full = shared_data_dir() / info.folder / info.pattern.format(index)
+    reduced = REDUCED_MIP2_DIR / info.folder / f"{index:02d}.png"
+    if not full.is_file() and mip >= REDUCED_MIP and reduced.is_file():
+        return read_section(reduced)[None, None], REDUCED_MIP
+    return _read(full)[None, None], 0
+
+
 def load_stack(dataset: str, mip: int, sections: Sequence[int] | None = None) -> torch.Tensor:
     """Sections of ``dataset`` at ``mip``, normalized: ``(Z, 1, Y, X)`` float32 (0 = no data).
 
@@ -83,8 +98,8 @@ def load_stack(dataset: str, mip: int, sections: Sequence[int] | None = None) ->
     indices = list(range(info.count)) if sections is None else list(sections)
     out = []
     for i in indices:
-        image = _read(shared_data_dir() / info.folder / info.pattern.format(i))[None, None]
-        for _ in range(mip):
+        image, stored_mip = _read_at_most(info, i, mip)
+        for _ in range(mip - stored_mip):
             image = downsample_image(image)
         stats = section_stats(image, section=f"{dataset} {i}")
         out.append(normalize(image, stats.mean, stats.std))

@@ -85,3 +85,22 @@ def test_stages_publish_progress_artifacts_that_reach_100_percent(first_run):
         key = f"{stage}: chunks finished"
         assert key in by_stage, sorted(by_stage)
         assert by_stage[key] == pytest.approx(100.0), (stage, by_stage[key])
+
+
+def test_report_measures_the_stack_and_says_what_it_flags(first_run):
+    from flows.demo import verdict_line
+
+    _, result = first_run
+    report = result["report"]
+    summary = report["summary"]
+    for key in ("rotation_drift_deg", "non_affine_p95_mean_px", "seam_ratio_median", "flagged"):
+        assert key in summary, key
+    assert "## Stack trust" in report["markdown"]
+    for name in ("drift", "overlay"):
+        assert os.path.getsize(report["files"][name]) > 0, name
+    rows = report["rows"]
+    assert all("g_rotation_deg" in r and "flags" in r for r in rows)
+    line = verdict_line(summary)
+    flagged = summary["flagged"]
+    assert (f"{len(flagged)} sections flagged" in line) if flagged else line.startswith("no section flagged")
+    assert [r["z"] for r in rows] == [0, 1, 2, 3]

@@ -67,3 +67,17 @@ def test_deployments_cover_every_flow_with_a_paused_schedule():
     for name in ("normalize", "encode", "coarse_align", "finetune", "solve", "render", "downsample"):
         assert f"{name}-local" in deps
     assert deps["align_stack-local"].schedules and deps["align_stack-local"].paused
+
+
+def test_coarse_mip_whose_sections_do_not_fit_is_refused_with_the_mip_that_fits(tmp_path, monkeypatch):
+    import flows.params as params_module
+
+    monkeypatch.setattr(params_module, "MAX_COARSE_PX", 100)  # the bundled-size layer below: 256 px at mip 0
+    from emcore.layers import create_layer
+
+    path = "file://" + str(tmp_path / "src")
+    create_layer(path, kind="image", resolution=(4.6, 4.6, 50), size=(256, 256, 2), chunk_size=(64, 64, 1),
+                 num_mips=3, dtype="uint8")
+    with pytest.raises(ValueError, match=r"coarse_mip=0 gives sections of 256 px.*use coarse_mip=2"):
+        params_module.AlignParams(source=path, output=str(tmp_path / "out"), coarse_mip=0, finetune_mip=0,
+                                  chunk_xy=64)

@@ -1,0 +1,62 @@
+"""The embedded Prefect API gets the start-up time it needs and a database of its own (issue 14)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flows.runtime import DEFAULT_STARTUP_TIMEOUT_S, run_database_url, startup_timeout
+
+
+def test_startup_timeout_is_generous_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert startup_timeout() == DEFAULT_STARTUP_TIMEOUT_S >= 120  # Prefect's own default is 20 s
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "45")
+    assert startup_timeout() == 45
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ValueError, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS='soon'"):
+        startup_timeout()
+
+
+def test_each_run_gets_its_own_database_unless_one_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (a, folder_a), (b, folder_b) = run_database_url(), run_database_url()
+    try:
+        assert a != b and folder_a != folder_b and a.endswith("/prefect.db") and folder_a in a
+    finally:
+        for folder in (folder_a, folder_b):
+            os.rmdir(folder)
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////somewhere/mine.db")
+    assert run_database_url() == ("sqlite+aiosqlite:////somewhere/mine.db", None)
+
+
+_START = textwrap.dedent(
+    """
+    import os, httpx
+    from flows.runtime import ensure_local_api
+    url = ensure_local_api()
+    print("HEALTH", httpx.get(url + "/health").status_code)
+    print("DB", os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"].split("///", 1)[1])
+    """
+)
+
+
+def test_embedded_api_starts_with_its_own_database_and_says_so(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", _START], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HEALTH 200" in proc.stdout
+    db = proc.stdout.split("DB ", 1)[1].split()[0]
+    assert not db.startswith(str(tmp_path / "home"))  # not the shared ~/.prefect/prefect.db
+    assert not os.path.exists(os.path.dirname(db))  # the run's database is removed at exit
+    assert f"start-up timeout {DEFAULT_STARTUP_TIMEOUT_S} s" in proc.stderr
+    assert not (tmp_path / "home" / "prefect.db").exists()
