@@ -69,7 +69,8 @@ class StackSolution:
 
     Attributes:
         fields: ``(Z, 2, H, W)`` float32, ``G[z]`` in px at the pairs' mip (``G[fixed] == 0``).
-        fixed: the section whose field is 0 (the stack frame).
+        fixed: the section whose field is 0 (the stack frame); -1 when none is (an anchored solve
+            without ``fixed``: the anchor defines the frame).
         interpolated: blank sections whose fields were interpolated from neighbours.
         ignored_pairs: pairs not used (weight 0, or touching a blank section), sorted.
         pair_residual_px: per used pair, the median over pixels of
@@ -292,7 +293,8 @@ def solve_stack(
             e.g. 0 on a defect). Missing keys weigh 1. A pair with weight 0 everywhere is ignored.
         blank: sections without usable tissue: no pair touches them; their fields are
             interpolated in z.
-        fixed: the section whose field is 0 (default the first non-blank section).
+        fixed: the section whose field is 0 (default the first non-blank section; with
+            ``anchor > 0`` the default is none: the anchor defines the frame).
         smoothness: weight of the membrane smoothness term (per pixel, relative to a pair weight
             of 1). 0 disables it.
         anchor: weight (per pixel, relative to a pair weight of 1) pulling every free section
@@ -316,12 +318,20 @@ def solve_stack(
     if robust_px is not None and not robust_px > 0:
         raise ValueError(f"robust_px must be > 0 or None, got {robust_px}")
     active, blank_set, ignored, size = _prepare(pairs, num_sections, weights, blank)
-    fixed = _pick_fixed(num_sections, blank_set, fixed)
-    _check_connected(num_sections, blank_set, active, fixed)
     inverses = _inverses(active)
-    g = _sequential(num_sections, blank_set, active, fixed, inverses, size)
-    if anchor > 0:  # residual fields: start from the prior's zero field, not from the chained pairs
-        g = [None if f is None else torch.zeros_like(f) for f in g]
+    if anchor > 0 and fixed is None:
+        # Residual fields: the anchor fixes the frame, so no section is held at 0 (a block of the
+        # stack then solves like the whole stack inside its core); start from the zero field.
+        fixed = -1
+        if len(blank_set) == num_sections:
+            raise ValueError("every section is blank: nothing to align")
+        g: list[torch.Tensor | None] = [
+            None if z in blank_set else torch.zeros(1, 2, *size) for z in range(num_sections)
+        ]
+    else:
+        fixed = _pick_fixed(num_sections, blank_set, fixed)
+        _check_connected(num_sections, blank_set, active, fixed)
+        g = _sequential(num_sections, blank_set, active, fixed, inverses, size)
 
     below: dict[int, list[_Pair]] = {z: [] for z in range(num_sections)}
     above: dict[int, list[_Pair]] = {z: [] for z in range(num_sections)}

@@ -132,3 +132,16 @@ def test_anchor_stops_residual_drift_along_z():
     assert float(anchored[:, 1].abs().max()) < 2 * shift
     with pytest.raises(ValueError, match="anchor"):
         solve_stack(pairs, num, anchor=-1.0)
+
+
+def test_anchored_solve_is_local_in_z_so_blocks_with_overlap_equal_the_whole_stack():
+    num, overlap = 30, 8
+    keys = [(z, k) for z in range(1, num) for k in (1, 2) if z - k >= 0]
+    pairs = {key: smooth_field(32, 32, 1.0, seed=i).reshape(1, 2, 32, 32) for i, key in enumerate(keys)}
+    whole = solve_stack(pairs, num, anchor=1.0).fields
+    lo, hi = 12, 18  # one block's core, read with `overlap` sections on each side
+    a, b = lo - overlap, hi + overlap
+    sub = {(z - a, k): f for (z, k), f in pairs.items() if a <= z - k and z < b}
+    block = solve_stack(sub, b - a, anchor=1.0).fields[lo - a : hi - a]
+    error = (block - whole[lo:hi]).norm(dim=1)
+    assert float(error.max()) < 0.05 * float(whole[lo:hi].norm(dim=1).max())

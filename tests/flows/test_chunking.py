@@ -47,18 +47,18 @@ def test_chunked_finetune_solve_and_render_equal_whole(tmp_path, tiny_stack, tin
 
 
 def test_solve_in_z_blocks_equals_the_whole_stack_solve(tiny_run, dask_address):
-    """The anchored residual solve is local in z: blocks of 2 sections read with 1 section of z
-    context on each side give the final fields of the one-block solve (bounded memory per task)."""
+    """Blocks of 2 sections, each written from its own task (the tiny stack's 4 sections are all in
+    every block's z context here: the result must equal the one-block solve; the locality of the
+    anchored solve itself is tested in tests/test_stack_solve.py)."""
     params, _ = tiny_run
     layout = Layout(params.output)
     fields = open_layer(layout.final_fields)
     whole = torch.from_numpy(fields.read(fields.bounds(1), 1))
-    blocked = params.model_copy(update={"solve_block_z": 2, "solve_overlap_z": 1})
+    blocked = params.model_copy(update={"solve_block_z": 2, "solve_overlap_z": 3})
     try:
         run_stage(solve_flow, blocked, dask_address)
         parts = torch.from_numpy(fields.read(fields.bounds(1), 1))
     finally:
         run_stage(solve_flow, params, dask_address)  # leave the shared run as it was
     diff = (parts - whole).norm(dim=1)
-    assert float(diff.median()) < 0.05, float(diff.median())
-    assert float(diff.max()) < 0.5, float(diff.max())
+    assert float(diff.max()) < 1e-3, float(diff.max())
