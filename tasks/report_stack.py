@@ -8,7 +8,7 @@ run's bookkeeping (``<out>/fields/affine.json``, ``<out>/fields/pairwise/pairs.j
   outside [0.5, 2]; ``< 0`` = folded field), the seam ratio at processing-chunk borders
   (1.0 = no seam), and the coarse pairs that were unreliable or had to fall back;
 * **flags** (:data:`FLAG_RULES`): a section that got worse (neighbour correlation down by more than
-  ``WORSE_CORR``, or residual vs truth up), looks over-warped (non-affine p95 above
+  ``WORSE_CORR``, or residual vs truth up by more than ``WORSE_PX``), looks over-warped (non-affine p95 above
   ``OVERWARP_PX`` px or Jacobian outliers above ``JACOBIAN_FRACTION``), shows a seam (ratio above
   ``SEAM_RATIO``), or has no reliable coarse pair. A run with flagged sections does not claim
   success: the CLI's last line names them with the reasons.
@@ -33,11 +33,13 @@ from emcore.stack_quality import section_metrics
 __all__ = ["FLAG_RULES", "StackSection", "stack_section"]
 
 WORSE_CORR = 0.02
+WORSE_PX = 0.25
 OVERWARP_PX = 2.0
 JACOBIAN_FRACTION = 0.005
 SEAM_RATIO = 1.3
 FLAG_RULES = {
-    "worse": f"neighbour correlation down by more than {WORSE_CORR}, or residual vs truth up",
+    "worse": f"neighbour correlation down by more than {WORSE_CORR}, or residual vs truth up by more "
+    f"than {WORSE_PX} px",
     "over-warped": f"non-affine p95 > {OVERWARP_PX} px or Jacobian outliers > {JACOBIAN_FRACTION:.1%}",
     "seam": f"seam ratio at chunk borders > {SEAM_RATIO}",
     "no reliable coarse pair": "affine interpolated from neighbours",
@@ -94,7 +96,8 @@ def stack_section(
         row = rows[i]
         reasons = []
         corr_drop = row["corr_before"] - row["corr_after"]
-        res_up = row.get("residual_after_median", 0.0) > row.get("residual_before_median", math.inf)
+        before_px = row.get("residual_before_median", math.inf)
+        res_up = row.get("residual_after_median", 0.0) > before_px + WORSE_PX
         if (not math.isnan(corr_drop) and corr_drop > WORSE_CORR) or res_up:
             reasons.append("worse")
         if m["non_affine_p95"] > OVERWARP_PX or m["jacobian_outside"] > JACOBIAN_FRACTION:
@@ -144,8 +147,9 @@ def _markdown(out: StackSection, zs: list[int], blank: list[int], mip: int) -> l
     lines = [
         "## Stack trust",
         "",
-        f"Rotation drift of the final fields over the stack: **{s['rotation_drift_deg']:.3f} deg** "
-        f"(max - min of the affine part's rotation); non-affine p95, mean over sections: "
+        f"Rotation range of the final fields over the stack: **{s['rotation_drift_deg']:.3f} deg** "
+        f"(max - min of the affine part's rotation: on a registered stack this is invented drift; on a "
+        f"misaligned one it is the correction); non-affine p95, mean over sections: "
         f"**{s['non_affine_p95_mean_px']:.2f} px** (mip {mip}); seam ratio at chunk borders, median: "
         f"**{s['seam_ratio_median']:.2f}** (1.0 = no seam).",
         "",
