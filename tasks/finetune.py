@@ -34,7 +34,12 @@ from tasks.coarse import section_box
 from tasks.io import read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
 
-__all__ = ["blend_chunk_task", "finetune_chunk_task"]
+__all__ = ["RESIDUAL_MOTION_PX", "blend_chunk_task", "finetune_chunk_task"]
+
+#: The largest residual motion (px at the finetune mip) the finetuner must capture: the sections
+#: are already warped by their affines, so what is left is the elastic part and the affine
+#: solve's error. It sets the finetuner's pyramid depth (4 levels, as before issue 17's rule).
+RESIDUAL_MOTION_PX = 16.0
 
 
 def _piece_name(chunk: VoxelBox, mip: int) -> str:
@@ -109,7 +114,10 @@ def finetune_chunk_task(
         mask_layer = open_layer(defects)
         src_def = read_through_field(mask_layer, src_box, mip, src_affine, is_mask=True) != 0
         tgt_def = read_through_field(mask_layer, tgt_box, mip, tgt_affine, is_mask=True) != 0
-    result = finetune(src, tgt, src_defects=src_def, tgt_defects=tgt_def, sm=sm, num_iter=num_iter)
+    result = finetune(
+        src, tgt, src_defects=src_def, tgt_defects=tgt_def, sm=sm, num_iter=num_iter,
+        max_motion=RESIDUAL_MOTION_PX,
+    )  # fmt: skip
     field = result.field.numpy()
     piece = piece_box(chunk, bounds, margin)
     y0, x0 = piece.start[1] - padded.start[1], piece.start[0] - padded.start[0]

@@ -13,13 +13,34 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from emcore.errors import StorageIOError
 from emcore.layers import open_layer
 from flows.layout import Layout
+from flows.runtime import use_cluster
 from flows.stages import normalize_flow
 from tests.faults import StorageFaults
 from tests.flows.conftest import tiny_params
 
 
+@pytest.fixture(scope="module")
+def in_process_cluster(prefect_api):
+    """A real dask cluster whose workers are threads of this process, so the fault injection
+    (a patch of this process's storage calls) reaches the chunk functions."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+_CLUSTER: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _cluster(in_process_cluster):
+    _CLUSTER[:] = [in_process_cluster]
+    yield
+
+
 def _normalize(params):
-    return normalize_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(params)
+    with use_cluster(_CLUSTER[0]):
+        return normalize_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(params)
 
 
 def _all_mips(path: str) -> list[np.ndarray]:
@@ -32,7 +53,8 @@ def _markers(path: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_stack, prefect_api):
+def reference(tmp_path_factory, tiny_stack, in_process_cluster):
+    _CLUSTER[:] = [in_process_cluster]
     params = tiny_params(tmp_path_factory.mktemp("ref") / "run", tiny_stack)
     _normalize(params)
     return _all_mips(Layout(params.output).normalized)
