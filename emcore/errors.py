@@ -30,6 +30,7 @@ __all__ = [
     "LayerNotFoundError",
     "NonFiniteSectionError",
     "OutputLockedError",
+    "SectionError",
     "SectionflowError",
     "StackImportError",
     "StorageIOError",
@@ -61,11 +62,12 @@ class StackImportError(SectionflowError, ValueError):
     """Section image files that cannot be imported as a stack."""
 
 
-class BlankSectionError(SectionflowError, ValueError):
-    """A section without usable tissue (all zero / masked, or constant intensity).
+class SectionError(SectionflowError, ValueError):
+    """A problem with one section, named in the message (base of the section errors below).
 
     Attributes:
         section: the section's name or z index, as given by the caller.
+        reason: what is wrong and what to do.
     """
 
     def __init__(self, section: object, reason: str) -> None:
@@ -77,20 +79,12 @@ class BlankSectionError(SectionflowError, ValueError):
         return (type(self), (self.section, self.reason))
 
 
-class NonFiniteSectionError(SectionflowError, ValueError):
-    """A section whose pixels include NaN or inf (a float layer written by other software).
+class BlankSectionError(SectionError):
+    """A section without usable tissue (all zero / masked, or constant intensity)."""
 
-    Attributes:
-        section: the section's name or z index, as given by the caller.
-    """
 
-    def __init__(self, section: object, reason: str) -> None:
-        self.section = section
-        self.reason = reason
-        super().__init__(f"section {section}: {reason}")
-
-    def __reduce__(self) -> tuple:  # picklable across dask / Prefect workers
-        return (type(self), (self.section, self.reason))
+class NonFiniteSectionError(SectionError):
+    """A section whose pixels include NaN or inf (a float layer written by other software)."""
 
 
 class CorruptChunkError(SectionflowError, ValueError):

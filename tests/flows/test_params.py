@@ -81,3 +81,18 @@ def test_coarse_mip_whose_sections_do_not_fit_is_refused_with_the_mip_that_fits(
     with pytest.raises(ValueError, match=r"coarse_mip=0 gives sections of 256 px.*use coarse_mip=2"):
         params_module.AlignParams(source=path, output=str(tmp_path / "out"), coarse_mip=0, finetune_mip=0,
                                   chunk_xy=64)
+
+
+def test_plan_prints_each_stage_in_physical_units_and_chooses_mips(tmp_path, tiny_stack):
+    result = CliRunner().invoke(app, ["plan", "--source", tiny_stack["misaligned"], "--output",
+                                      str(tmp_path / "out")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for stage in ("normalize:", "coarse_align:", "finetune:", "solve:", "render:"):
+        assert stage in text, text
+    # the tiny stack: 256 px at 4.6 nm. 16 nm/px would be mip 2, but its sections would be 64 px,
+    # under the finetuner's 128 px minimum: mip 1 (9.2 nm/px), and the coarse stage stays there too
+    assert "normalize: mip 1 (9.2 nm/px), 128 x 128 px per section" in text, text
+    assert "finetune: mip 1 (9.2 nm/px)" in text, text
+    params = AlignParams(source=tiny_stack["misaligned"], output=str(tmp_path / "out"), chunk_xy=64)
+    assert (params.coarse_mip, params.finetune_mip) == (1, 1)
