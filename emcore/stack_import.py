@@ -122,8 +122,9 @@ def import_stack(
     num_mips: int = 1,
     voxel_offset: Sequence[int] = (0, 0, 0),
     code_version: str | None = None,
+    kind: str = "image",
 ) -> Layer:
-    """Import section files into a new image layer and fill its mip pyramid.
+    """Import section files into a new image (or mask) layer and fill its mip pyramid.
 
     Args:
         source: a directory of ``.tif``/``.tiff``/``.png`` files, or a list of files (z order).
@@ -133,10 +134,14 @@ def import_stack(
         num_mips: mips to create and fill by downsampling (image rule: mean of data pixels).
         voxel_offset: mip-0 offset of the first section's corner (x, y, z).
         code_version: recorded in the layer's provenance (default: the installed sectionflow version).
+        kind: ``"image"`` (values as they are) or ``"mask"`` (a defect mask: nonzero pixels become
+            1, stored uint8, coarser mips by max, so a fold never vanishes when downsampled).
 
     Raises:
         StackImportError: no files, an unreadable file, or files of mixed size / dtype (named).
     """
+    if kind not in ("image", "mask"):
+        raise StackImportError(f"kind must be 'image' or 'mask', got {kind!r}")
     files = list_section_files(source)
     first_shape, first_dtype = _probe(files[0])
     _check_section(files[0], first_shape, first_dtype)
@@ -153,13 +158,13 @@ def import_stack(
 
     layer = create_layer(
         layer_path,
-        kind="image",
+        kind=kind,
         resolution=resolution,
         size=(width, height, len(files)),
         voxel_offset=voxel_offset,
         chunk_size=chunk_size,
         num_mips=num_mips,
-        dtype=first_dtype,
+        dtype=first_dtype if kind == "image" else "uint8",
     )
     bounds = layer.bounds(0)
     slab = layer.chunk_size(0)[2]
@@ -174,11 +179,13 @@ def import_stack(
         z0 = bounds.start[2] + first
         box = VoxelBox.from_shape((bounds.start[0], bounds.start[1], z0), (width, height, len(group)))
         data = np.stack(sections)
+        if kind == "mask":
+            data = (data != 0).astype(np.uint8)
         layer.write(box, data)
         if num_mips > 1:
             layer.downsample(box)
     layer.add_provenance(
-        "import_stack: section files imported as an image layer",
+        f"import_stack: section files imported as a{'n image' if kind == 'image' else ' defect mask'} layer",
         {
             "files": [str(p) for p in files],
             "resolution_nm": list(resolution),

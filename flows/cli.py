@@ -336,8 +336,11 @@ def import_stack_command(
     resolution: Annotated[str, typer.Option(help="nm per voxel x,y,z")] = "4.6,4.6,50",
     chunk: Annotated[int, typer.Option(help="storage chunk in x and y (px)")] = 128,
     mips: Annotated[int, typer.Option(help="number of mips")] = 5,
+    kind: Annotated[
+        str, typer.Option(help="image, or mask: a defect mask (nonzero = fold/crack; max-downsampled)")
+    ] = "image",
 ) -> None:
-    """Import a directory of section images (TIFF/PNG, one per z) into a precomputed image layer."""
+    """Import a directory of section images (TIFF/PNG, one per z) into a precomputed image or mask layer."""
     from emcore.stack_import import import_stack
     from tasks.version import code_version
 
@@ -350,6 +353,7 @@ def import_stack_command(
             chunk_size=(chunk, chunk, 1),
             num_mips=mips,
             code_version=code_version(),
+            kind=kind,
         )
     except (SectionflowError, ValueError) as exc:
         _fail(exc)

@@ -90,3 +90,28 @@ def test_unreadable_file_is_named(tmp_path, layer_root):
     (src / "1.png").write_bytes(b"this is not a png")
     with pytest.raises(StackImportError, match=r"cannot read section file .*1\.png"):
         import_stack(src, f"{layer_root}/img", resolution=RES)
+
+
+def test_mask_import_is_binary_max_downsampled_and_accepted_as_defects(tmp_path, layer_root, vnc_sections):
+    masks = np.zeros((2, 64, 64), dtype=np.uint8)
+    masks[0, 10, 20] = 255  # a one-pixel defect: it must survive downsampling (max, not mean)
+    masks[1, 30:34, :] = 7  # a band, any nonzero value
+    src = _write_pngs(tmp_path / "masks", list(masks))
+    layer = import_stack(src, f"{layer_root}/defects", resolution=RES, chunk_size=(32, 32, 1), num_mips=3,
+                         kind="mask")
+    assert layer.kind == "mask" and layer.dtype == np.uint8
+    full = layer.read(layer.bounds(0))[:, 0]
+    np.testing.assert_array_equal(full, (masks != 0).astype(np.uint8))
+    mip2 = layer.read(layer.bounds(2), 2)[:, 0]
+    assert mip2[0, 10 // 4, 20 // 4] == 1 and mip2[0].sum() == 1
+    assert mip2[1, 30 // 4 : 34 // 4 + 1].all(axis=1).any()
+    # the imported mask is accepted as the defects layer of a source with the same geometry
+    image = import_stack(_write_pngs(tmp_path / "img", list(vnc_sections[:2, :64, :64])), f"{layer_root}/img",
+                         resolution=RES, chunk_size=(32, 32, 1), num_mips=3)
+    from flows.params import AlignParams
+
+    params = AlignParams(source=image.path, defects=layer.path, output=str(tmp_path / "out"), chunk_xy=32,
+                         coarse_mip=0, finetune_mip=0)
+    assert params.defects == layer.path
+    with pytest.raises(StackImportError, match="kind"):
+        import_stack(src, f"{layer_root}/bad", resolution=RES, kind="field")
