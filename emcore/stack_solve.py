@@ -319,12 +319,13 @@ def solve_stack(
         raise ValueError(f"robust_px must be > 0 or None, got {robust_px}")
     active, blank_set, ignored, size = _prepare(pairs, num_sections, weights, blank)
     inverses = _inverses(active)
-    if anchor > 0 and fixed is None:
-        # Residual fields: the anchor fixes the frame, so no section is held at 0 (a block of the
-        # stack then solves like the whole stack inside its core); start from the zero field.
-        fixed = -1
+    if anchor > 0:
+        # Residual fields: the anchor fixes the frame, so no section needs to be held at 0 (a block
+        # of the stack then solves like the whole stack inside its core) and no chain of pairs is
+        # needed; start from the zero field.
         if len(blank_set) == num_sections:
             raise ValueError("every section is blank: nothing to align")
+        fixed = -1 if fixed is None else _pick_fixed(num_sections, blank_set, fixed)
         g: list[torch.Tensor | None] = [
             None if z in blank_set else torch.zeros(1, 2, *size) for z in range(num_sections)
         ]

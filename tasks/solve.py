@@ -9,8 +9,9 @@ the region, the task reads every used ``P[z, k]``, then
    per-pixel share of the consensus (times the number of candidates) becomes its weight, so a bad
    pairwise estimate is voted down where it disagrees;
 2. **global solve** (:func:`emcore.stack_solve.solve_stack`): robust relaxation of the residual
-   fields ``H[z]`` with an ``anchor`` pulling every section towards 0 (it defines the frame, so no
-   section is held fixed and a z-block solves like the whole stack inside its core; the pairs are
+   fields ``H[z]`` with an ``anchor`` pulling every section towards 0 and the region's first
+   non-blank section pinned at 0 in the block that holds it (other z-blocks rely on the anchor:
+   a block solves like the whole stack inside its core; the pairs are
    residuals in the affinely aligned stack frame, :mod:`tasks.affine`, so
    content differences between neighbours cannot accumulate along z); blank sections are
    interpolated and reported;
@@ -38,8 +39,10 @@ __all__ = ["SOLVE_MAX_SWEEPS", "SOLVE_TOL_PX", "solve_chunk_task", "vote_weights
 #: Converge every chunk to the same tight tolerance: the stopping sweep differs between chunks
 #: (it is the chunk's largest update), and a loose tolerance (1e-3 px) left jumps of that size at
 #: chunk borders: a seam ratio of 1.4-1.7 on the medulla although the jumps were ~0.002 px.
-SOLVE_TOL_PX = 1e-5
-SOLVE_MAX_SWEEPS = 300
+#: (1e-5 px made the demo's solve the slowest stage, 52 s; 1e-4 px leaves jumps 30x below the
+#: fields' natural gradient.)
+SOLVE_TOL_PX = 1e-4
+SOLVE_MAX_SWEEPS = 100
 
 
 def vote_weights(
@@ -128,9 +131,14 @@ def solve_chunk_task(
                 pairs[(z - z0, k)] = fields[z - z0 : z - z0 + 1]
     rel_blank = [z - z0 for z in blank if z0 <= z < z0 + num]
     weights = vote_weights(pairs, num, rel_blank) if pairs else {}
+    # The stack frame is the first non-blank section of the region (G = G_affine = 0 there): the
+    # block that holds it pins it; other blocks rely on the anchor alone (the pin's influence
+    # decays by about 0.65 per section, so blocks agree with the whole-stack solve in their cores).
+    first = min((z for z in range(region.start[2], region.stop[2]) if z not in set(blank)), default=None)
+    pinned = first - z0 if first is not None and z0 <= first < z0 + num else None
     solution = solve_stack(
-        pairs, num, weights=weights or None, blank=rel_blank, smoothness=smoothness, anchor=anchor,
-        robust_px=robust_px, max_sweeps=SOLVE_MAX_SWEEPS, tol=SOLVE_TOL_PX,
+        pairs, num, weights=weights or None, blank=rel_blank, fixed=pinned, smoothness=smoothness,
+        anchor=anchor, robust_px=robust_px, max_sweeps=SOLVE_MAX_SWEEPS, tol=SOLVE_TOL_PX,
     )
     fields = solution.fields
     if pad:
