@@ -13,8 +13,8 @@ API summary
 * :func:`rescale_matrix`: the same map expressed at another mip (pixel centres stay aligned as in
   :func:`emcore.field.resample_field`).
 * :func:`shift_origin`: the same map expressed relative to another origin pixel.
-* :func:`describe_matrix` -> :class:`AffineParts` (rotation deg, scale, shear, translation px at
-  the centre of a ``height x width`` section).
+* :func:`decompose` -> :class:`AffineDecomposition` (rotation deg, scales, shear, translation px
+  at the centre of a ``height x width`` section).
 * :func:`fit_affine` -> the least-squares matrix of a field (optionally weighted).
 * :func:`compose_with_affine` -> exact ``emcore.field.compose(field, affine)`` (no resampling).
 """
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "AffineParts",
+    "AffineDecomposition",
     "affine_displacement_field",
     "compose_matrices",
     "compose_with_affine",
-    "describe_matrix",
+    "decompose",
     "fit_affine",
     "invert_matrix",
     "rescale_matrix",
@@ -125,15 +125,17 @@ def shift_origin(matrix: torch.Tensor, offset: tuple[float, float]) -> torch.Ten
 
 
 @dataclass(frozen=True)
-class AffineParts:
-    """A displacement matrix described about a section's centre.
+class AffineDecomposition:
+    """A displacement matrix in words: the position map's linear part ``A = I + L = R(theta) U``,
+    ``R`` a rotation and ``U = [[scale_x, shear], [0, scale_y]]`` upper triangular.
 
     Attributes:
-        rotation_deg: rotation of the position map, degrees, with the sign of
-            :func:`rotation_matrix` (a matrix built by ``rotation_matrix(a, ...)`` describes as ``a``).
-        scale_x, scale_y: the diagonal of the symmetric stretch ``S`` (1 = no scaling).
-        shear: the off-diagonal of the symmetric stretch (0 = none).
-        translation: ``(dx, dy)`` px, the displacement at the section centre.
+        rotation_deg: ``theta`` (deg), the sign of :func:`rotation_matrix` (a matrix built by
+            ``rotation_matrix(a, ...)`` decomposes to ``a``; positive = counter-clockwise in (x, y)
+            with y down, as :func:`emcore.synthetic.affine_field`).
+        scale_x, scale_y: diagonal of ``U`` (1 = no scaling).
+        shear: its off-diagonal (dimensionless; 0 = none).
+        translation: ``(tx, ty)`` px, the displacement of the section centre ``((W-1)/2, (H-1)/2)``.
     """
 
     rotation_deg: float
@@ -143,33 +145,21 @@ class AffineParts:
     translation: tuple[float, float]
 
 
-def describe_matrix(matrix: torch.Tensor, height: int, width: int) -> AffineParts:
-    """Rotation, scale, shear and centre translation of ``matrix`` on a ``height x width`` section.
+def decompose(matrix: torch.Tensor, height: int, width: int) -> AffineDecomposition:
+    """Rotation (deg), scales, shear and centre translation (px) of a ``(2, 3)`` displacement matrix.
 
-    The position map's linear part ``A = I + L`` is split as ``A = R S`` (polar decomposition,
-    ``R`` a rotation, ``S`` symmetric positive): rotation from ``R``, scales and shear from ``S``.
+    ``height``, ``width``: the section size in px (the centre is ``((width-1)/2, (height-1)/2)``).
     """
     m = _as_matrix(matrix)
     a = torch.eye(2, dtype=torch.float64) + m[:, :2]
-    u, sv, vt = torch.linalg.svd(a)
-    rot = u @ vt
-    if float(torch.linalg.det(rot)) < 0:  # a reflection: keep a proper rotation, fold the sign into S
-        u = u.clone()
-        u[:, -1] = -u[:, -1]
-        sv = sv.clone()
-        sv[-1] = -sv[-1]
-        rot = u @ vt
-    stretch = vt.T @ torch.diag(sv) @ vt
-    angle = math.degrees(math.atan2(float(rot[1, 0]), float(rot[0, 0])))
+    theta = math.atan2(float(a[1, 0]), float(a[0, 0]))
+    c, s = math.cos(theta), math.sin(theta)
+    scale_x = math.hypot(float(a[0, 0]), float(a[1, 0]))
+    shear = c * float(a[0, 1]) + s * float(a[1, 1])
+    scale_y = -s * float(a[0, 1]) + c * float(a[1, 1])
     centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0, 1.0], dtype=torch.float64)
     t = m @ centre
-    return AffineParts(
-        rotation_deg=angle,
-        scale_x=float(stretch[0, 0]),
-        scale_y=float(stretch[1, 1]),
-        shear=float(stretch[0, 1]),
-        translation=(float(t[0]), float(t[1])),
-    )
+    return AffineDecomposition(math.degrees(theta), scale_x, scale_y, shear, (float(t[0]), float(t[1])))
 
 
 def fit_affine(field: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,11 +179,17 @@ def fit_affine(field: torch.Tensor, weight: torch.Tensor | None = None) -> torch
     wt = wt.expand(h, w).reshape(-1)
     if float(wt.sum()) <= 0:
         raise ValueError("fit_affine needs a positive weight somewhere")
-    design = torch.stack((xs.reshape(-1), ys.reshape(-1), torch.ones(h * w, dtype=torch.float64)), dim=1)
-    sw = wt.sqrt()[:, None]
-    target = f.reshape(2, -1).T.double()
-    sol = torch.linalg.lstsq(design * sw, target * sw).solution  # (3, 2)
-    return sol.T.contiguous()
+    keep = wt > 0
+    x, y = xs.reshape(-1)[keep], ys.reshape(-1)[keep]
+    # centre the coordinates for conditioning (large sections), then map the offset back
+    cx, cy = float((x * wt[keep]).sum() / wt[keep].sum()), float((y * wt[keep]).sum() / wt[keep].sum())
+    design = torch.stack((x - cx, y - cy, torch.ones_like(x)), dim=1)
+    sw = wt[keep].sqrt()[:, None]
+    target = f.reshape(2, -1).T.double()[keep]
+    sol = torch.linalg.lstsq(design * sw, target * sw).solution.T  # (2, 3) in centred coordinates
+    lin = sol[:, :2]
+    offset = sol[:, 2] - lin @ torch.tensor([cx, cy], dtype=torch.float64)
+    return torch.cat((lin, offset[:, None]), dim=1).contiguous()
 
 
 def compose_with_affine(field: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ field made with ``rotation_deg=theta`` decomposes to ``theta``.
 
 API summary
 -----------
-* :func:`affine_part` -> ``(2, 3)`` float64 least-squares affine displacement matrix of a field.
-* :func:`decompose` -> :class:`AffineDecomposition` (rotation deg, scales, shear, translation px
+* :func:`affine_part` -> ``(2, 3)`` float64 least-squares affine displacement matrix of a field
+  (:func:`emcore.affine.fit_affine` on the masked pixels).
+* :func:`decompose` -> :class:`AffineDecomposition` (from :mod:`emcore.affine`, re-exported; rotation deg, scales, shear, translation px
   of the section centre).
 * :func:`non_affine` -> :class:`NonAffine` (``|G - affine|`` map, median, p95 px).
 * :func:`jacobian_outliers` -> :class:`JacobianOutliers` (``det(I + dG/dp)`` map, fraction outside
@@ -37,7 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from emcore.coarse_xcorr import affine_displacement_field, compose_matrices
+from emcore.affine import (
+    AffineDecomposition,
+    affine_displacement_field,
+    compose_matrices,
+    decompose,
+    fit_affine,
+)
 from emcore.field import check_field, compose
 
 __all__ = [
@@ -135,25 +142,6 @@ def _sample(values: torch.Tensor, limit: int = 4_000_000) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AffineDecomposition:
-    """An affine displacement matrix in words (see the module docstring for ``A = R S``).
-
-    Attributes:
-        rotation_deg: ``theta`` of ``R(theta)`` (deg; positive = counter-clockwise in (x, y) with y
-            down, the sign of :func:`emcore.synthetic.affine_field`).
-        scale_x, scale_y: diagonal of the upper-triangular factor (1 = no scaling).
-        shear: its off-diagonal (dimensionless; 0 = none).
-        translation: ``(tx, ty)`` px, the displacement of the section centre ``((W-1)/2, (H-1)/2)``.
-    """
-
-    rotation_deg: float
-    scale_x: float
-    scale_y: float
-    shear: float
-    translation: tuple[float, float]
-
-
 def affine_part(field: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares affine displacement matrix of one field.
 
@@ -169,37 +157,7 @@ def affine_part(field: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     keep = _mask_2d(mask, h, w)
     if int(keep.sum()) < 3:
         raise ValueError("affine_part needs at least 3 pixels in the mask")
-    xs, ys = _coords(h, w)
-    design = torch.stack((xs[keep], ys[keep], torch.ones_like(xs[keep])), dim=1)  # (P, 3)
-    target = torch.stack((f[0][keep], f[1][keep]), dim=1)  # (P, 2)
-    # Centre the coordinates for conditioning, then map back.
-    cx, cy = float(design[:, 0].mean()), float(design[:, 1].mean())
-    centred = design.clone()
-    centred[:, 0] -= cx
-    centred[:, 1] -= cy
-    sol = torch.linalg.lstsq(centred, target).solution.T  # (2, 3) in centred coordinates
-    lin = sol[:, :2]
-    offset = sol[:, 2] - lin @ torch.tensor([cx, cy], dtype=torch.float64)
-    return torch.cat((lin, offset[:, None]), dim=1).contiguous()
-
-
-def decompose(matrix: torch.Tensor, height: int, width: int) -> AffineDecomposition:
-    """Rotation (deg), scales, shear and centre translation (px) of a ``(2, 3)`` displacement matrix.
-
-    ``height``, ``width``: the section size in px (the centre is ``((width-1)/2, (height-1)/2)``).
-    """
-    m = torch.as_tensor(matrix, dtype=torch.float64)
-    if m.shape != (2, 3):
-        raise ValueError(f"matrix must have shape (2, 3), got {tuple(m.shape)}")
-    a = torch.eye(2, dtype=torch.float64) + m[:, :2]
-    theta = math.atan2(float(a[1, 0]), float(a[0, 0]))
-    c, s = math.cos(theta), math.sin(theta)
-    scale_x = math.hypot(float(a[0, 0]), float(a[1, 0]))
-    shear = c * float(a[0, 1]) + s * float(a[1, 1])
-    scale_y = -s * float(a[0, 1]) + c * float(a[1, 1])
-    centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0, 1.0], dtype=torch.float64)
-    t = m @ centre
-    return AffineDecomposition(math.degrees(theta), scale_x, scale_y, shear, (float(t[0]), float(t[1])))
+    return fit_affine(f, keep.to(torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from emcore.affine import affine_displacement_field, describe_matrix, rescale_matrix, shift_origin
+from emcore.affine import affine_displacement_field, decompose, rescale_matrix, shift_origin
 from emcore.affine_solve import solve_affine_stack
 from emcore.geometry import VoxelBox
 
@@ -77,7 +77,7 @@ def section_affines(
         fine = rescale_matrix(m, coarse_mip, finetune_mip)
         coarse[str(z)] = m.tolist()
         matrices[str(z)] = fine.tolist()
-        p = describe_matrix(fine, h * scale, w * scale)
+        p = decompose(fine, h * scale, w * scale)
         parts[str(z)] = {
             "rotation_deg": p.rotation_deg, "scale_x": p.scale_x, "scale_y": p.scale_y,
             "shear": p.shear, "translation_px": list(p.translation),

@@ -9,7 +9,7 @@ import torch
 from emcore.affine import (
     affine_displacement_field,
     compose_with_affine,
-    describe_matrix,
+    decompose,
     fit_affine,
     rescale_matrix,
     rotation_matrix,
@@ -41,10 +41,10 @@ def test_shift_origin_is_a_crop_of_the_field():
     assert torch.allclose(full[..., 7:27, 10:40], crop, atol=1e-5)
 
 
-def test_describe_matrix_recovers_rotation_and_centre_translation():
+def test_decompose_recovers_rotation_and_centre_translation():
     m = rotation_matrix(-0.7, 100, 120)
     m[:, 2] += torch.tensor([3.0, -4.0], dtype=torch.float64)
-    parts = describe_matrix(m, 100, 120)
+    parts = decompose(m, 100, 120)
     assert math.isclose(parts.rotation_deg, -0.7, abs_tol=1e-9)
     assert math.isclose(parts.scale_x, 1.0, abs_tol=1e-9) and math.isclose(parts.shear, 0.0, abs_tol=1e-9)
     assert math.isclose(parts.translation[0], 3.0, abs_tol=1e-9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from emcore.affine import compose_matrices, describe_matrix, invert_matrix, rotation_matrix
+from emcore.affine import compose_matrices, decompose, invert_matrix, rotation_matrix
 from emcore.affine_solve import solve_affine_stack
 
 H = W = 256
@@ -45,7 +45,7 @@ def _misaligned(num: int, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
 
 
 def _rotations(matrices: torch.Tensor) -> list[float]:
-    return [describe_matrix(m, H, W).rotation_deg for m in matrices]
+    return [decompose(m, H, W).rotation_deg for m in matrices]
 
 
 def test_a_consistent_pair_bias_does_not_become_a_drift():
