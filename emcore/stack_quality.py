@@ -16,7 +16,8 @@ API summary
 -----------
 * :func:`affine_part` -> ``(2, 3)`` float64 least-squares affine displacement matrix of a field
   (:func:`emcore.affine.fit_affine` on the masked pixels).
-* :func:`decompose` -> :class:`AffineDecomposition` (from :mod:`emcore.affine`, re-exported; rotation deg, scales, shear, translation px
+* :func:`decompose` -> :class:`AffineDecomposition` (from :mod:`emcore.affine`, re-exported;
+  rotation deg, scales, shear, translation px
   of the section centre).
 * :func:`non_affine` -> :class:`NonAffine` (``|G - affine|`` map, median, p95 px).
 * :func:`jacobian_outliers` -> :class:`JacobianOutliers` (``det(I + dG/dp)`` map, fraction outside
