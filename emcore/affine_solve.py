@@ -170,11 +170,10 @@ def solve_affine_stack(
     for _ in range(max(1, iterations) if robust_px is not None else 1):
         for j in range(3):
             blocks: list[tuple[int, int, np.ndarray]] = []
-            add = _block_adder(blocks)
             rhs = np.zeros(2 * n)
             target = np.eye(2)[:, j] if j < 2 else np.zeros(2)
             for i in range(n):
-                add(i, i, prior[j] * scale[j] ** 2 * np.eye(2))
+                blocks.append((i, i, prior[j] * scale[j] ** 2 * np.eye(2)))
                 rhs[2 * i : 2 * i + 2] += prior[j] * scale[j] ** 2 * target
             for (z, k), (bp, w) in active.items():
                 wt = w * robust[(z, k)] * scale[j] ** 2
@@ -184,17 +183,17 @@ def solve_affine_stack(
                 xz_known = solution[z][:, j] if iz is None else None
                 xb_known = solution[z - k][:, j] if ib is None else None
                 if iz is not None:
-                    add(iz, iz, wt * np.eye(2))
+                    blocks.append((iz, iz, wt * np.eye(2)))
                     rhs[2 * iz : 2 * iz + 2] += wt * d
                     if ib is not None:
-                        add(iz, ib, -wt * a_p)
+                        blocks.append((iz, ib, -wt * a_p))
                     else:
                         rhs[2 * iz : 2 * iz + 2] += wt * a_p @ xb_known
                 if ib is not None:
-                    add(ib, ib, wt * a_p.T @ a_p)
+                    blocks.append((ib, ib, wt * a_p.T @ a_p))
                     rhs[2 * ib : 2 * ib + 2] -= wt * a_p.T @ d
                     if iz is not None:
-                        add(ib, iz, -wt * a_p.T)
+                        blocks.append((ib, iz, -wt * a_p.T))
                     else:
                         rhs[2 * ib : 2 * ib + 2] += wt * a_p.T @ xz_known
             if n:
@@ -226,13 +225,6 @@ def solve_affine_stack(
         pair_residual_px=residual,
         pair_weight={key: float(v) for key, v in robust.items()},
     )
-
-
-def _block_adder(blocks: list[tuple[int, int, np.ndarray]]):  # noqa: ANN202 - a tiny closure
-    def add(a: int, b: int, block: np.ndarray) -> None:
-        blocks.append((a, b, block))
-
-    return add
 
 
 def _assemble(blocks: list[tuple[int, int, np.ndarray]], size: int) -> sp.csr_matrix:

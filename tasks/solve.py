@@ -134,7 +134,8 @@ def solve_chunk_task(
     # The stack frame is the first non-blank section of the region (G = G_affine = 0 there): the
     # block that holds it pins it; other blocks rely on the anchor alone (the pin's influence
     # decays by about 0.65 per section, so blocks agree with the whole-stack solve in their cores).
-    first = min((z for z in range(region.start[2], region.stop[2]) if z not in set(blank)), default=None)
+    blank_set = set(blank)
+    first = min((z for z in range(region.start[2], region.stop[2]) if z not in blank_set), default=None)
     pinned = first - z0 if first is not None and z0 <= first < z0 + num else None
     solution = solve_stack(
         pairs, num, weights=weights or None, blank=rel_blank, fixed=pinned, smoothness=smoothness,
