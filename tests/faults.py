@@ -5,10 +5,15 @@ and write of cloud-volume, the layers and the markers goes through) in this proc
 
 * transient faults: the first read (``get_file``) and the first write (``put_file``) of each
   chosen file raise ``OSError``; later attempts go through. A file is chosen when the crc32 of its
-  path relative to ``root`` falls in the given ``fraction`` (deterministic for a layout). Only the
-  data I/O of chunk tasks is faulted: chunk files and completion markers, not layer metadata
-  (``info``, ``provenance``, the stages' JSON files), which flows read and write outside any
-  retried task.
+  path relative to the parent of ``root`` falls in the given ``fraction`` (so the choice is the same
+  in every pytest run, whatever its ``pytest-N`` folder). Only the data I/O of chunk tasks is
+  faulted: chunk files and completion markers, not layer metadata (``info``, ``provenance``, the
+  stages' JSON files), which flows read and write outside any retried task.
+* a transient fault is what the chunk retry policy (:mod:`tasks.retry`, ``RETRIES``) is built to
+  absorb, so one chunk gets at most ``RETRIES`` injected faults over all its attempts; without that
+  cap, a chunk touching several chosen files would fail for good in some runs and pass in others.
+  A chunk is known by its completion marker, which every chunk task reads first (``is_done``), in
+  the thread that then runs the chunk and its retries.
 * permanent faults: every write of a file whose path contains one of ``permanent`` raises.
 
 Use it with flows running their tasks in this process (``ThreadPoolTaskRunner``): dask worker
@@ -17,6 +22,7 @@ processes do not see the wrapper.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import zlib
@@ -24,6 +30,8 @@ from collections import Counter
 from typing import Any
 
 from cloudfiles.interfaces import FileInterface
+
+from tasks.retry import RETRIES
 
 __all__ = ["StorageFaults"]
 
@@ -45,6 +53,8 @@ class StorageFaults:
         self.injected: Counter[str] = Counter()
         self._seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._thread = threading.local()  # .chunk: the marker of the chunk this thread runs
+        self._per_chunk: Counter[str | None] = Counter()  # injected faults per chunk
 
     def _chosen(self, relative: str) -> bool:
         return zlib.crc32(relative.encode()) % 1000 < self.fraction * 1000
@@ -53,13 +63,22 @@ class StorageFaults:
         if op == "write" and any(p in path for p in self.permanent):
             self.injected["permanent"] += 1
             raise OSError(f"injected permanent storage fault: {op} {path}")
-        # the file's identity: its path under root, without the per-write staging folder
-        relative = re.sub(r"/\.sectionflow/staging/[0-9a-f]+", "", path.split(self.root, 1)[-1])
+        # the file's identity: its path beside root, without the per-write staging folder
+        relative = re.sub(r"/\.sectionflow/staging/[0-9a-f]+", "",
+                          os.path.relpath(path, os.path.dirname(self.root)))
         with self._lock:
             first = (op, relative) not in self._seen
             self._seen.add((op, relative))
-        if first and _is_data(path) and self._chosen(relative):
-            self.injected[op] += 1
+        if op == "read" and "/.sectionflow/done/" in path:
+            self._thread.chunk = relative  # a chunk task starts (or retries) here
+        chunk = getattr(self._thread, "chunk", None)
+        with self._lock:
+            inject = (first and _is_data(path) and self._chosen(relative)
+                      and self._per_chunk[chunk] < RETRIES)
+            if inject:
+                self._per_chunk[chunk] += 1
+                self.injected[op] += 1
+        if inject:
             raise OSError(f"injected transient storage fault: {op} {path}")
 
     def __enter__(self) -> StorageFaults:

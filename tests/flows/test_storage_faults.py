@@ -62,7 +62,7 @@ def reference(tmp_path_factory, tiny_stack, in_process_cluster):
 
 def test_transient_faults_are_retried_to_the_identical_output(tmp_path, tiny_stack, reference):
     params = tiny_params(tmp_path / "run", tiny_stack)
-    with StorageFaults(str(tmp_path), fraction=0.2) as faults:
+    with StorageFaults(str(tmp_path), fraction=0.15) as faults:
         summary = _normalize(params)
     print("injected faults:", dict(faults.injected))
     assert faults.injected["read"] >= 3 and faults.injected["write"] >= 3, faults.injected
