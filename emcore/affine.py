@@ -15,7 +15,8 @@ API summary
 * :func:`shift_origin`: the same map expressed relative to another origin pixel.
 * :func:`decompose` -> :class:`AffineDecomposition` (rotation deg, scales, shear, translation px
   at the centre of a ``height x width`` section).
-* :func:`fit_affine` -> the least-squares matrix of a field (optionally weighted).
+* :func:`fit_affine` -> the least-squares matrix of a field (optionally weighted); the same fit
+  from :class:`AffineMoments` summed over chunks (:func:`affine_moments`, :func:`fit_affine_moments`).
 * :func:`compose_with_affine` -> exact ``emcore.field.compose(field, affine)`` (no resampling).
 """
 
@@ -28,11 +29,14 @@ import torch
 
 __all__ = [
     "AffineDecomposition",
+    "AffineMoments",
     "affine_displacement_field",
+    "affine_moments",
     "compose_matrices",
     "compose_with_affine",
     "decompose",
     "fit_affine",
+    "fit_affine_moments",
     "invert_matrix",
     "rescale_matrix",
     "rotation_matrix",
@@ -162,34 +166,98 @@ def decompose(matrix: torch.Tensor, height: int, width: int) -> AffineDecomposit
     return AffineDecomposition(math.degrees(theta), scale_x, scale_y, shear, (float(t[0]), float(t[1])))
 
 
-def fit_affine(field: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Least-squares displacement matrix ``(2, 3)`` of a ``(1, 2, H, W)`` (or ``(2, H, W)``) field.
+@dataclass(frozen=True)
+class AffineMoments:
+    """Weighted least-squares sums of a field for an affine fit; sums of parts add up.
 
-    ``weight`` (``(H, W)`` or broadcastable, >= 0) weighs pixels (e.g. 0 outside tissue); default 1.
-    Origin = pixel ``(0, 0)`` of the field.
+    With design rows ``d = (x, y, 1)`` (pixel centres relative to a stated origin pixel, px) and
+    displacements ``f = (fx, fy)``: ``s = sum w d^T d`` ``(3, 3)`` and ``b = sum w d^T f``
+    ``(3, 2)``, float64. The moments of chunks of one section (each with its offset from the
+    common origin) add up to the moments of the whole section, so a section's affine part can be
+    fitted from per-chunk results without ever holding the section.
+    """
+
+    s: torch.Tensor
+    b: torch.Tensor
+
+    def __add__(self, other: AffineMoments) -> AffineMoments:
+        return AffineMoments(self.s + other.s, self.b + other.b)
+
+    @property
+    def weight(self) -> float:
+        """The total weight (number of pixels when unweighted)."""
+        return float(self.s[2, 2])
+
+    def to_list(self) -> list[list[float]]:
+        """JSON-able ``3 x 5`` rows ``[s | b]``."""
+        return torch.cat((self.s, self.b), dim=1).tolist()
+
+    @staticmethod
+    def from_list(rows: list[list[float]]) -> AffineMoments:
+        m = torch.tensor(rows, dtype=torch.float64)
+        if m.shape != (3, 5):
+            raise ValueError(f"affine moments must be 3 x 5 rows, got {tuple(m.shape)}")
+        return AffineMoments(m[:, :3].clone(), m[:, 3:].clone())
+
+    @staticmethod
+    def zero() -> AffineMoments:
+        return AffineMoments(torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def affine_moments(
+    field: torch.Tensor, weight: torch.Tensor | None = None, origin: tuple[int, int] = (0, 0)
+) -> AffineMoments:
+    """:class:`AffineMoments` of a ``(1, 2, H, W)`` (or ``(2, H, W)``) field.
+
+    ``weight`` (``(H, W)`` or broadcastable, >= 0; default 1) weighs pixels; ``origin`` ``(x, y)``
+    is the position of the field's pixel ``(0, 0)`` relative to the common origin (px).
     """
     f = field[0] if field.ndim == 4 else field
     if f.ndim != 3 or f.shape[0] != 2:
         raise ValueError(f"field must have shape (1, 2, H, W) or (2, H, W), got {tuple(field.shape)}")
     h, w = f.shape[-2:]
     ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+        torch.arange(h, dtype=torch.float64) + origin[1],
+        torch.arange(w, dtype=torch.float64) + origin[0],
+        indexing="ij",
     )
     wt = torch.ones(h, w, dtype=torch.float64) if weight is None else torch.as_tensor(weight).double()
     wt = wt.expand(h, w).reshape(-1)
-    if float(wt.sum()) <= 0:
-        raise ValueError("fit_affine needs a positive weight somewhere")
-    keep = wt > 0
-    x, y = xs.reshape(-1)[keep], ys.reshape(-1)[keep]
-    # centre the coordinates for conditioning (large sections), then map the offset back
-    cx, cy = float((x * wt[keep]).sum() / wt[keep].sum()), float((y * wt[keep]).sum() / wt[keep].sum())
-    design = torch.stack((x - cx, y - cy, torch.ones_like(x)), dim=1)
-    sw = wt[keep].sqrt()[:, None]
-    target = f.reshape(2, -1).T.double()[keep]
-    sol = torch.linalg.lstsq(design * sw, target * sw).solution.T  # (2, 3) in centred coordinates
+    design = torch.stack((xs.reshape(-1), ys.reshape(-1), torch.ones(h * w, dtype=torch.float64)), dim=1)
+    weighted = design * wt[:, None]
+    return AffineMoments(weighted.T @ design, weighted.T @ f.reshape(2, -1).T.double())
+
+
+def fit_affine_moments(moments: AffineMoments) -> torch.Tensor:
+    """The least-squares displacement matrix ``(2, 3)`` (origin = the moments' origin).
+
+    Solved in coordinates centred on the weighted mean pixel (conditioning for large sections).
+
+    Raises:
+        ValueError: no positive weight, or the weighted pixels lie on a line (no unique fit).
+    """
+    s, b = moments.s, moments.b
+    total = float(s[2, 2])
+    if total <= 0:
+        raise ValueError("an affine fit needs a positive weight somewhere")
+    cx, cy = float(s[0, 2]) / total, float(s[1, 2]) / total
+    shift = torch.tensor([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    sc, bc = shift @ s @ shift.T, shift @ b  # the same sums in centred coordinates
+    if abs(float(torch.linalg.det(sc))) <= 1e-12 * max(1.0, float(sc.abs().max())) ** 3:
+        raise ValueError("an affine fit needs weighted pixels that do not lie on one line")
+    sol = torch.linalg.solve(sc, bc).T  # (2, 3) in centred coordinates
     lin = sol[:, :2]
     offset = sol[:, 2] - lin @ torch.tensor([cx, cy], dtype=torch.float64)
     return torch.cat((lin, offset[:, None]), dim=1).contiguous()
+
+
+def fit_affine(field: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares displacement matrix ``(2, 3)`` of a ``(1, 2, H, W)`` (or ``(2, H, W)``) field.
+
+    ``weight`` (``(H, W)`` or broadcastable, >= 0) weighs pixels (e.g. 0 outside tissue); default 1.
+    Origin = pixel ``(0, 0)`` of the field.
+    """
+    return fit_affine_moments(affine_moments(field, weight))
 
 
 def compose_with_affine(field: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,11 @@ Under the output path ``<out>`` (a local directory or a cloud path):
 ``<out>/fields/pairwise/z-<k>``  field: ``P[z, k]`` aligning section ``z`` onto ``z - k`` at the
                                  coarse mip (coarse stage); at the finetune mip the residual
                                  ``Q[z, k]`` between the affinely aligned sections (finetune stage)
-``<out>/fields/affine.json``     the section affines ``G_affine[z]`` (global affine solve)
+``<out>/fields/pairwise/*.json`` ``pairs.json`` (coarse pairs' status, used pairs) and
+                                 ``residual_affines.json`` (affine parts ``R[z, k]`` of the ``Q``)
+``<out>/fields/affine.json``     the section affines ``G_affine[z]`` (global affine solve of the
+                                 coarse pairs); ``affine_refined.json``: re-solved with the ``R``
+                                 (solve stage), the affines the final fields are composed with
 ``<out>/fields/final``           field: ``G[z]`` aligning section ``z`` into the stack frame (first
                                  non-blank section fixed), at the finetune mip
 ``<out>/aligned``                the source image rendered through ``G``, every mip

@@ -28,10 +28,10 @@ from emcore.layers import Layer, create_layer, open_layer
 from flows.blocks import absolute_params, run_chunks
 from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
-from tasks.affine import section_affines
+from tasks.affine import refine_section_affines, section_affines
 from tasks.coarse import coarse_pair_task
 from tasks.encode import encode_chunk_task, resolve_encoder
-from tasks.finetune import blend_chunk_task, finetune_chunk_task
+from tasks.finetune import blend_chunk_task, finetune_chunk_task, pair_residual_affines
 from tasks.markers import count
 from tasks.normalize import normalize_chunk_task, section_stats_task
 from tasks.pyramid import downsample_chunk_task, pyramid_chunks
@@ -292,6 +292,10 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
          for z, k in used for box in xy_chunks],
         "finetune",
     )  # fmt: skip
+    residual = pair_residual_affines(
+        [o.detail for o in outcomes], region.shape[0] * region.shape[1]
+    )
+    _write_json(root, "residual_affines.json", {"mip": mip, "region": str(region), "residual": residual})
     run_key = json.dumps(
         {**options, "bounds": str(region), "image": image.path, "affines": affines},
         sort_keys=True, default=str,
@@ -312,8 +316,10 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
 
 @flow(name="solve", log_prints=True)
 def solve_flow(params: AlignParams) -> dict[str, Any]:
-    """Vector voting + anchored stack solve of the finetuned residuals, composed with the section
-    affines -> ``<out>/fields/final`` (:mod:`tasks.solve`)."""
+    """Section affines refined by the residuals' affine parts (``<out>/fields/affine_refined.json``,
+    :func:`tasks.affine.refine_section_affines`), then vector voting + anchored stack solve of the
+    residuals less their affine parts, composed with the refined affines -> ``<out>/fields/final``
+    (:mod:`tasks.solve`)."""
     params = absolute_params(params)  # workers may run in another directory
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
@@ -323,10 +329,17 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
     ks = sorted({k for _, k in used})
     pair_layers = {k: _require(layout.pairwise(k), "coarse_align").path for k in ks}
     normalized = _require(layout.normalized, "normalize")
-    affines = _read_json(layout.fields_root, "affine.json", "coarse_align")["matrices"]
+    coarse_affines = _read_json(layout.fields_root, "affine.json", "coarse_align")
+    residual = _read_json(root, "residual_affines.json", "finetune")["residual"]
     out = _create_like(normalized, layout.final_fields, "field")
     mip = params.finetune_mip
     region = params.region(out, mip)
+    sections = _read_json(normalized.path, "sections.json", "normalize")["sections"]
+    refined = refine_section_affines(
+        coarse_affines, residual, sections, blank, (region.shape[1], region.shape[0])
+    )
+    _write_json(layout.fields_root, "affine_refined.json", refined)
+    affines = refined["matrices"]
     xy = list(out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, region.shape[2])))
     # z-blocks with overlap: the anchored residual solve is local in z, so a block of
     # ``solve_block_z`` sections read with ``solve_overlap_z`` sections on each side equals the
@@ -340,7 +353,7 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
               box=VoxelBox((box.start[0], box.start[1], max(z_start, lo - over)),
                            (box.stop[0], box.stop[1], min(z_stop, hi + over))),
               mip=mip, pad=params.pad, used_pairs=used, blank=blank, affines=affines, region=region,
-              core_z=(lo, hi), smoothness=params.smoothness, anchor=params.anchor,
+              pair_affines=residual, core_z=(lo, hi), smoothness=params.smoothness, anchor=params.anchor,
               robust_px=params.robust_px)
          for box in xy for lo, hi in blocks],
         "solve",

@@ -9,9 +9,19 @@ estimate. The result, written as ``<out>/fields/affine.json``, holds every secti
 at the coarse and at the finetune mip (origin = the region's first pixel at that mip).
 
 Later stages work in the affinely aligned stack frame: the finetuner compares sections ``z`` and
-``z - k`` both warped by their affines (so its fields are small residuals), the stack solve relaxes
-those residuals, and the final field is ``compose(H[z], G_affine[z])``, composed exactly
-(:func:`emcore.affine.compose_with_affine`) with no context needed at chunk borders.
+``z - k`` both warped by their affines (so its fields are small residuals ``Q[z, k]``), the stack
+solve relaxes those residuals, and the final field is ``compose(H[z], G_affine[z])``, composed
+exactly (:func:`emcore.affine.compose_with_affine`) with no context needed at chunk borders.
+
+**The affine part is decided once, with the drift prior.** The residuals ``Q[z, k]`` still carry an
+affine part: what the coarse pairs missed (the finetune mip is finer) and the content rotation that
+the prior of :mod:`emcore.affine_solve` deliberately left out. Relaxed per pixel, that part came
+back as invented rotation (registered medulla, 12 sections: 0.058 deg of rotation drift after the
+affine solve, 0.196 deg in the final fields). So :func:`refine_section_affines` re-solves the
+section affines from the pairs refined by the residuals' affine parts ``R[z, k]`` (the finetune
+stage's per-chunk :class:`~emcore.affine.AffineMoments`, summed per pair), with the same prior, at
+the finetune mip, into ``<out>/fields/affine_refined.json``; the residual solve then relaxes only
+``Q[z, k] - R[z, k]`` and composes with the refined affines.
 """
 
 from __future__ import annotations
@@ -20,11 +30,18 @@ from typing import Any
 
 import torch
 
-from emcore.affine import affine_displacement_field, decompose, rescale_matrix, shift_origin
-from emcore.affine_solve import solve_affine_stack
+from emcore.affine import (
+    affine_displacement_field,
+    compose_matrices,
+    decompose,
+    invert_matrix,
+    rescale_matrix,
+    shift_origin,
+)
+from emcore.affine_solve import AffineStackSolution, solve_affine_stack
 from emcore.geometry import VoxelBox
 
-__all__ = ["affine_field", "section_affines"]
+__all__ = ["affine_field", "refine_section_affines", "section_affines"]
 
 
 def section_affines(
@@ -70,11 +87,24 @@ def section_affines(
         drift_sections_linear=drift_sections_linear,
         drift_sections_translation=drift_sections_translation,
     )  # fmt: skip
-    scale = 2 ** (coarse_mip - finetune_mip)
+    return {
+        **_describe(solution, sections, size, coarse_mip, finetune_mip),
+        "fallback": fallback,
+        "drift_sections_linear": drift_sections_linear,
+        "drift_sections_translation": drift_sections_translation,
+    }
+
+
+def _describe(
+    solution: AffineStackSolution, sections: list[int], size: tuple[int, int], mip: int, finetune_mip: int
+) -> dict[str, Any]:
+    """The JSON-able record of a solution at ``mip`` (``size`` px there): matrices at both mips, parts."""
+    z0, (h, w) = sections[0], size
+    scale = 2 ** (mip - finetune_mip)
     matrices, coarse, parts = {}, {}, {}
     for i, z in enumerate(sections):
         m = solution.matrices[i]
-        fine = rescale_matrix(m, coarse_mip, finetune_mip)
+        fine = rescale_matrix(m, mip, finetune_mip)
         coarse[str(z)] = m.tolist()
         matrices[str(z)] = fine.tolist()
         p = decompose(fine, h * scale, w * scale)
@@ -83,18 +113,66 @@ def section_affines(
             "shear": p.shear, "translation_px": list(p.translation),
         }  # fmt: skip
     return {
-        "coarse_mip": coarse_mip,
+        "coarse_mip": mip,
         "finetune_mip": finetune_mip,
         "matrices": matrices,
         "matrices_coarse": coarse,
         "parts": parts,
         "fixed": solution.fixed + z0,
-        "fallback": fallback,
         "interpolated": [z + z0 for z in solution.interpolated],
         "pair_residual_px": {f"{z + z0}-{k}": round(r, 4) for (z, k), r in solution.pair_residual_px.items()},
         "pair_weight": {f"{z + z0}-{k}": round(r, 4) for (z, k), r in solution.pair_weight.items()},
-        "drift_sections_linear": drift_sections_linear,
-        "drift_sections_translation": drift_sections_translation,
+    }
+
+
+def refine_section_affines(
+    affines: dict[str, Any],
+    residual: dict[str, list[list[float]]],
+    sections: list[int],
+    blank: list[int],
+    size: tuple[int, int],
+    *,
+    robust_px: float = 2.0,
+) -> dict[str, Any]:
+    """Re-solve the section affines with every pair refined by its residual's affine part.
+
+    Args:
+        affines: the record of :func:`section_affines` (``matrices`` at the finetune mip, the prior).
+        residual: ``{"z-k": 2 x 3}`` affine parts ``R[z, k]`` of the finetuned residuals (px at the
+            finetune mip, origin = the region's first pixel); the pairs the solve uses.
+        size: ``(height, width)`` of the region at the finetune mip (px).
+        robust_px: the Cauchy scale at the *coarse* mip (scaled to the finetune mip here, so the
+            same physical residual is outvoted).
+
+    Returns:
+        A record like :func:`section_affines`'s (``coarse_mip`` is the finetune mip here), plus
+        ``refined_from`` (the pairs used).
+
+    A refined pair is ``P[z, k] = A[z - k]^-1 o R[z, k] o A[z]`` in position maps (``A`` the
+    coarse-stage affines): the residual aligned ``A[z]``-warped ``z`` onto ``A[z - k]``-warped
+    ``z - k``, so this maps raw ``z`` onto raw ``z - k``, now at finetune-mip precision.
+    """
+    z0, fine = sections[0], affines["finetune_mip"]
+    a = {int(z): torch.tensor(m, dtype=torch.float64) for z, m in affines["matrices"].items()}
+    pairs, weights = {}, {}
+    for key, matrix in residual.items():
+        z, k = (int(v) for v in key.split("-"))
+        r = torch.tensor(matrix, dtype=torch.float64)
+        pairs[(z - z0, k)] = compose_matrices(invert_matrix(a[z - k]), compose_matrices(r, a[z]))
+        weights[(z - z0, k)] = 1.0 / k**2
+    h, w = size
+    solution = solve_affine_stack(
+        pairs, len(sections), h, w, weights=weights, blank=[z - z0 for z in blank],
+        drift_sections_linear=affines["drift_sections_linear"],
+        drift_sections_translation=affines["drift_sections_translation"],
+        robust_px=robust_px * 2 ** (affines["coarse_mip"] - fine),
+    )  # fmt: skip
+    return {
+        **_describe(solution, sections, size, fine, fine),
+        "fallback": affines.get("fallback", []),
+        "drift_sections_linear": affines["drift_sections_linear"],
+        "drift_sections_translation": affines["drift_sections_translation"],
+        "refined_from": sorted(residual),
     }
 
 

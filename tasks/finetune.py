@@ -12,10 +12,14 @@ grown by a blend ``margin``, :func:`emcore.blend.piece_box`) and stores it besid
 
 Then :func:`blend_chunk_task` writes each chunk of ``Q[z, k]`` at the finetune mip into the pair
 layer as the raised-cosine blend of the pieces that overlap it (:func:`emcore.blend.blend_pieces`),
-so neighbouring chunks meet without a seam. (The pair layer's coarse mip keeps the coarse field
-``P[z, k]`` in the sections' own frames, for inspection.) Every chunk saw ``pad`` px of real
-neighbouring data; the chunked result equals the whole-section result within a small tolerance
-away from the volume edge (tested in ``tests/flows/test_chunking.py``).
+so neighbouring chunks meet without a seam. Each finetune task also returns (in its marker's
+detail) the :class:`~emcore.affine.AffineMoments` of ``Q[z, k]`` on its chunk, weighted by the
+pixels where both sections have data and no defect (origin = the region's first pixel):
+:func:`pair_residual_affines` sums them into each pair's affine part ``R[z, k]``, which
+:func:`tasks.affine.refine_section_affines` takes into the section affines. (The pair layer's
+coarse mip keeps the coarse field ``P[z, k]`` in the sections' own frames, for inspection.)
+Every chunk saw ``pad`` px of real neighbouring data; the chunked result equals the whole-section
+result within a small tolerance away from the volume edge (tested in ``tests/flows/test_chunking.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import numpy as np
 from cloudfiles import CloudFiles
 
+from emcore.affine import AffineMoments, affine_moments, fit_affine_moments
 from emcore.blend import blend_pieces, piece_box
 from emcore.finetune import finetune
 from emcore.geometry import VoxelBox
@@ -34,7 +39,11 @@ from tasks.coarse import section_box
 from tasks.io import read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
 
-__all__ = ["RESIDUAL_MOTION_PX", "blend_chunk_task", "finetune_chunk_task"]
+__all__ = ["RESIDUAL_MOTION_PX", "blend_chunk_task", "finetune_chunk_task", "pair_residual_affines"]
+
+#: A pair's residual affine part is fitted only from at least this fraction of its region's pixels
+#: with data (below it the fit would be extrapolated from a corner).
+MIN_AFFINE_DATA_FRACTION = 0.05
 
 #: The largest residual motion (px at the finetune mip) the finetuner must capture: the sections
 #: are already warped by their affines, so what is left is the elastic part and the affine
@@ -118,6 +127,16 @@ def finetune_chunk_task(
         src, tgt, src_defects=src_def, tgt_defects=tgt_def, sm=sm, num_iter=num_iter,
         max_motion=RESIDUAL_MOTION_PX,
     )  # fmt: skip
+    core = chunk.intersection(bounds)
+    cy, cx = core.start[1] - padded.start[1], core.start[0] - padded.start[0]
+    ch, cw = core.shape[1], core.shape[0]
+    data = (src[0, 0] != 0) & (tgt[0, 0] != 0)
+    if src_def is not None:
+        data &= ~(src_def[0, 0] | tgt_def[0, 0])
+    moments = affine_moments(
+        result.field[..., cy : cy + ch, cx : cx + cw], data[cy : cy + ch, cx : cx + cw],
+        origin=(core.start[0] - bounds.start[0], core.start[1] - bounds.start[1]),
+    )  # fmt: skip
     field = result.field.numpy()
     piece = piece_box(chunk, bounds, margin)
     y0, x0 = piece.start[1] - padded.start[1], piece.start[0] - padded.start[0]
@@ -128,6 +147,7 @@ def finetune_chunk_task(
         "loss": float(result.loss[0]),
         "no_data": bool(result.no_data[0]),
         "seconds": round(result.seconds, 3),
+        "moments": moments.to_list(),
     }
     marker.mark_done(detail)
     return ChunkOutcome("finetune", f"{z}-{k} {chunk}", "done", detail)
@@ -157,3 +177,28 @@ def blend_chunk_task(
     open_layer(pairs).write(chunk, blended, mip)
     marker.mark_done()
     return ChunkOutcome("blend", f"{z}-{k} {chunk}", "done")
+
+
+def pair_residual_affines(details: list[dict], region_px: int) -> dict[str, list[list[float]]]:
+    """``{"z-k": 2 x 3}``: each pair's residual affine part ``R[z, k]`` from its chunks' moments.
+
+    ``details`` are the finetune tasks' details (``z``, ``k``, ``moments``); ``region_px`` is the
+    region's pixel count at the finetune mip. A pair whose pixels with data are fewer than
+    ``MIN_AFFINE_DATA_FRACTION`` of it, or lie on a line, is left out (its sections keep the
+    coarse-stage evidence of their other pairs, or are interpolated by the solve).
+    """
+    sums: dict[str, AffineMoments] = {}
+    for detail in details:
+        if "moments" not in detail:
+            continue
+        key = f"{detail['z']}-{detail['k']}"
+        sums[key] = sums.get(key, AffineMoments.zero()) + AffineMoments.from_list(detail["moments"])
+    residual = {}
+    for key, moments in sorted(sums.items()):
+        if moments.weight < MIN_AFFINE_DATA_FRACTION * region_px:
+            continue
+        try:
+            residual[key] = fit_affine_moments(moments).tolist()
+        except ValueError:
+            continue
+    return residual

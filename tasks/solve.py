@@ -1,7 +1,8 @@
 """Stack solve stage: pairwise fields -> one field per section, chunk by chunk in x and y.
 
 For one xy chunk (voxels at the field mip, padded by ``pad`` px of context) and all sections of
-the region, the task reads every used ``P[z, k]``, then
+the region, the task reads every used residual ``Q[z, k]`` less its affine part ``R[z, k]`` (taken
+into the section affines, :func:`tasks.affine.refine_section_affines`), then
 
 1. **vector voting** (when at least 3 neighbours per section are used,
    :func:`emcore.vector_vote.vector_vote`): for section ``z`` the candidates
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from emcore.affine import compose_with_affine, shift_origin
+from emcore.affine import affine_displacement_field, compose_with_affine, shift_origin
 from emcore.field import compose
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
@@ -81,6 +82,7 @@ def solve_chunk_task(
     blank: list[int],
     affines: dict[str, list[list[float]]],
     region: VoxelBox,
+    pair_affines: dict[str, list[list[float]]] | None = None,
     core_z: tuple[int, int] | None = None,
     smoothness: float = 0.0,
     anchor: float = 0.0,
@@ -96,6 +98,9 @@ def solve_chunk_task(
         blank: absolute indices of blank sections (interpolated).
         affines: ``{str(z): 2 x 3}`` section affines at ``mip`` (origin = ``region.start``).
         region: the region the chunks tile (voxels at ``mip``).
+        pair_affines: ``{"z-k": 2 x 3}`` affine parts ``R[z, k]`` of the residuals (same mip and
+            origin), subtracted before the solve: they are in ``affines`` already
+            (:func:`tasks.affine.refine_section_affines`). A pair without one is used as it is.
         core_z: the sections ``[lo, hi)`` this task writes (default all of ``box``); the others
             are z context.
     """
@@ -111,6 +116,7 @@ def solve_chunk_task(
         "anchor": anchor,
         "robust_px": robust_px,
         "affines": {z: affines[z] for z in sorted(affines)},
+        "pair_affines": {key: (pair_affines or {})[key] for key in sorted(pair_affines or {})},
         "region": str(region),
         "core_z": [lo, hi],
     }
@@ -123,12 +129,18 @@ def solve_chunk_task(
     z0, num = box.start[2], box.shape[2]
     padded = box.padded(pad)
     pairs: dict[tuple[int, int], torch.Tensor] = {}
+    origin = (padded.start[0] - region.start[0], padded.start[1] - region.start[1])
     for k, path in pair_layers.items():
         layer = open_layer(path)
         fields = read_field(layer, padded, mip)
         for z, kk in used_pairs:
             if kk == k and z0 <= z < z0 + num and z - k >= z0:
-                pairs[(z - z0, k)] = fields[z - z0 : z - z0 + 1]
+                q = fields[z - z0 : z - z0 + 1]
+                r = (pair_affines or {}).get(f"{z}-{k}")
+                if r is not None:
+                    local = shift_origin(torch.tensor(r, dtype=torch.float64), origin)
+                    q = q - affine_displacement_field(local, q.shape[-2], q.shape[-1])
+                pairs[(z - z0, k)] = q
     rel_blank = [z - z0 for z in blank if z0 <= z < z0 + num]
     weights = vote_weights(pairs, num, rel_blank) if pairs else {}
     # The stack frame is the first non-blank section of the region (G = G_affine = 0 there): the

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from emcore.affine import (
+    AffineMoments,
     affine_displacement_field,
+    affine_moments,
     compose_with_affine,
     decompose,
     fit_affine,
+    fit_affine_moments,
     rescale_matrix,
     rotation_matrix,
     shift_origin,
@@ -60,6 +64,31 @@ def test_fit_affine_of_an_affine_field_is_exact_and_ignores_zero_weight():
     weight = torch.ones(40, 50)
     weight[:10] = 0
     assert torch.allclose(fit_affine(noisy, weight), m, atol=1e-6)
+
+
+def test_chunk_moments_add_up_to_the_whole_section_fit():
+    gen = torch.Generator().manual_seed(3)
+    field = affine_displacement_field(_matrix(), 96, 128) + 0.3 * torch.randn(1, 2, 96, 128, generator=gen)
+    weight = (torch.rand(96, 128, generator=gen) > 0.3).double()
+    whole = fit_affine(field, weight)
+    total = AffineMoments.zero()
+    for y0 in range(0, 96, 32):
+        for x0 in range(0, 128, 48):
+            part = field[..., y0 : y0 + 32, x0 : x0 + 48]
+            total = total + affine_moments(part, weight[y0 : y0 + 32, x0 : x0 + 48], origin=(x0, y0))
+    round_trip = AffineMoments.from_list(total.to_list())
+    assert torch.allclose(fit_affine_moments(round_trip), whole, atol=1e-9)
+    assert round_trip.weight == float(weight.sum())
+
+
+def test_an_affine_fit_without_weight_or_on_one_line_is_refused():
+    field = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="positive weight"):
+        fit_affine(field, torch.zeros(8, 8))
+    line = torch.zeros(8, 8)
+    line[3] = 1  # one row of pixels: the y-coefficients are undetermined
+    with pytest.raises(ValueError, match="one line"):
+        fit_affine(field, line)
 
 
 def test_compose_with_affine_equals_compose_inside():
