@@ -153,7 +153,8 @@ def normalize_flow(params: AlignParams) -> dict[str, Any]:
     sections = list(params.sections(src))
     stat_list = run_chunks(
         section_stats_task,
-        [dict(source=src.path, z=z, mip=params.coarse_mip, defects=params.defects) for z in sections],
+        [dict(source=src.path, z=z, mip=params.coarse_mip, defects=params.defects, output=out.path)
+         for z in sections],
         "section stats",
     )
     stats = {s["z"]: s for s in stat_list}
