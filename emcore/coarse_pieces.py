@@ -39,7 +39,12 @@ Method
 API summary
 -----------
 * :func:`coarse_align_pieces` -> :class:`PiecewiseAlignment` ``(field, matrix, pieces, side,
-  transforms, whole, assignment, gap, seam, gap_conflicts, reliable, reason)``.
+  transforms, whole, assignment, gap, seam, gap_conflicts, reliable, reason)``; then
+  ``.tear_mask(source_mask)`` (defects for a finetuner run on ``warp(source, field)``) and
+  ``.compose_residual(residual)`` (that finetuner's result composed with the torn field without
+  blurring the tear). Finetuning from the torn field as ``init_field`` instead does not keep the
+  tear: the finetuner's pyramid averages the init field down to its coarsest level (measured in
+  ``benchmarks/bench_folds.py``'s first version: far side 9.7 px median on a neighbour pair).
 * :class:`PieceTransform` ``(label, area, matrix, estimated, reliable, fallback, peak, reason)``.
 """
 
@@ -125,6 +130,44 @@ class PiecewiseAlignment:
     gap_conflicts: int
     reliable: bool
     reason: str
+
+    def tear_mask(self, source_mask: torch.Tensor | None = None, *, dilate: int = 1) -> torch.Tensor:
+        """``(1, 1, H, W)`` bool, target frame: where a finetuner working on ``warp(source,
+        field)`` must not trust the data nor keep springs: the seam and the gap (grown by
+        ``dilate`` px), and ``source_mask`` (source frame, nonzero = defect) warped by the field."""
+        tear = self.seam | self.gap
+        if dilate:
+            tear = ndimage.binary_dilation(tear, iterations=dilate)
+        out = torch.from_numpy(tear)[None, None]
+        if source_mask is not None:
+            moved = warp_mask_2d(_as_2d(source_mask.to(torch.float32), "source_mask"), self.field)
+            out = out | moved[None, None]
+        return out
+
+    def compose_residual(self, residual: torch.Tensor) -> torch.Tensor:
+        """``compose(residual, field)`` without blurring the tear: the field that warps ``source``
+        as ``warp(warp(source, field), residual)`` does.
+
+        ``residual`` ``(1, 2, H, W)`` px (e.g. the finetuner's result on ``warp(source, field)``).
+        Each pixel ``p`` reads ``q = p + residual(p)``; the piece is ``assignment`` at the pixel
+        nearest ``q`` and its affine is evaluated exactly at ``q`` (no interpolation across pieces).
+        """
+        if residual.shape != self.field.shape:
+            raise ValueError(
+                f"residual {tuple(residual.shape)} must match the field {tuple(self.field.shape)}"
+            )
+        _, _, h, w = residual.shape
+        r = residual[0].double()
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")  # fmt: skip
+        qx, qy = xs + r[0], ys + r[1]
+        iy = qy.round().clamp(0, h - 1).long()
+        ix = qx.round().clamp(0, w - 1).long()
+        label = torch.from_numpy(self.assignment.astype(np.int64))[iy, ix].clamp_min(1) - 1
+        mats = torch.stack([t.matrix for t in self.transforms])[label]  # (H, W, 2, 3)
+        fx = mats[..., 0, 0] * qx + mats[..., 0, 1] * qy + mats[..., 0, 2]
+        fy = mats[..., 1, 0] * qx + mats[..., 1, 1] * qy + mats[..., 1, 2]
+        return (residual.double() + torch.stack((fx, fy))[None]).to(residual.dtype)
 
 
 def _shift_matrix(dx: float, dy: float) -> torch.Tensor:
