@@ -25,6 +25,7 @@ far side (:func:`emcore.quality.tile_correlation`). One CPU thread.
 
     .venv/bin/python -m benchmarks.bench_folds --quick   # bundled VNC, 256 px, d = 60
     .venv/bin/python -m benchmarks.bench_folds           # shared VNC (mip 1) + medulla, d = 20, 60, 150
+    .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150   # a part of it
 """
 
 from __future__ import annotations
@@ -152,17 +153,19 @@ def _methods() -> dict:
     return methods
 
 
-def _cases(quick: bool, slides: list[float]) -> list[FoldCase]:
+def _cases(quick: bool, slides: list[float], datasets: list[str]) -> list[FoldCase]:
     cases = []
     if quick:
         stack = load_sections("bundled", [3, 4], 1024)
         small = F.avg_pool2d(torch.from_numpy(stack).float()[:, None], 4)[:, 0].numpy()
         sets = [("bundled vnc z3 mip2", small)]
     else:
-        vnc = load_sections("vnc", [4, 5], 1024)
-        vnc = F.avg_pool2d(torch.from_numpy(vnc).float()[:, None], 2)[:, 0].numpy()
-        medulla = load_sections("medulla", [4, 5], 512).astype(np.float32)
-        sets = [("vnc z4 mip1", vnc), ("medulla z4 mip0", medulla)]
+        sets = []
+        if "vnc" in datasets:
+            vnc = torch.from_numpy(load_sections("vnc", [4, 5], 1024)).float()[:, None]
+            sets.append(("vnc z4 mip1", F.avg_pool2d(vnc, 2)[:, 0].numpy()))
+        if "medulla" in datasets:
+            sets.append(("medulla z4 mip0", load_sections("medulla", [4, 5], 512).astype(np.float32)))
     for label, stack in sets:
         for slide in slides:
             for kind, moving in (("smooth", stack[0]), ("neighbour", stack[1])):
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bundled VNC at 256 px, d = 60 only")
     parser.add_argument("--slides", default=None, help="comma-separated slides d in px (default 20,60,150)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument("--datasets", default="vnc,medulla", help="full mode: comma-separated vnc, medulla")
     args = parser.parse_args()
     torch.set_num_threads(1)
     slides = [float(s) for s in (args.slides or ("60" if args.quick else "20,60,150")).split(",")]
@@ -188,7 +192,7 @@ def main() -> None:
                "worst side", "far corr", "s"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * 8)
-    for case in _cases(args.quick, slides):
+    for case in _cases(args.quick, slides, args.datasets.split(",")):
         for name, method in methods.items():
             start = time.perf_counter()
             coarse, field, _ = method(case)
