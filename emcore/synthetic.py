@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from emcore.field import invert
 
-__all__ = ["affine_field", "fold_field", "smooth_field", "true_alignment_field"]
+__all__ = ["affine_field", "fold_field", "smooth_field", "torn_fold_field", "true_alignment_field"]
 
 
 def smooth_field(
@@ -88,6 +88,9 @@ def fold_field(
     returned mask marks that band (``0 <= d < fold_width_px``) in the deformed frame: a defect
     mask, the region an aligner must not trust and across which tissue may tear.
 
+    A straight-line toy; realistic folds and cracks (curved, 20-200 px motion, dark band or gap,
+    partial tears, exact truth and validity) are made by :mod:`emcore.synthetic_defects`.
+
     Returns:
         ``(field, mask)``: ``(1, 2, H, W)`` float32 field in px and ``(1, 1, H, W)`` bool mask.
     """
@@ -116,3 +119,47 @@ def true_alignment_field(applied: torch.Tensor, *, border: int = 0) -> torch.Ten
     if result.residual > 0.01:
         raise ValueError(f"applied field is not invertible to 0.01 px (residual {result.residual:.3g} px)")
     return result.inverse
+
+
+def torn_fold_field(
+    height: int,
+    width: int,
+    *,
+    angle_deg: float = 30.0,
+    offset_px: float = 0.0,
+    fold_width_px: float = 6.0,
+    slide_px: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fold_field` whose far side also slides ``slide_px`` along the fold line (a tear).
+
+    With ``t = (-sin a, cos a)`` the line's direction, the applied field is 0 on the near side
+    (``d < 0``) and ``-fold_width_px * n + slide_px * t`` beyond; ``deformed = warp(registered,
+    applied)`` shows the far side moved by ``-slide_px * t``, a band of repeated tissue (the
+    returned mask, deformed frame) between the sides. The exact alignment field (registered frame,
+    ``warp(deformed, truth) ~= registered``) is piecewise constant: 0 where ``d < 0`` and
+    ``fold_width_px * n - slide_px * t`` where ``d >= 0`` (``d`` measured in the registered frame).
+
+    Returns:
+        ``(applied, mask, truth)``: ``(1, 2, H, W)`` float32, ``(1, 1, H, W)`` bool, ``(1, 2, H, W)``
+        float32, px.
+    """
+    theta = math.radians(angle_deg)
+    nx, ny = math.cos(theta), math.sin(theta)
+    tx, ty = -ny, nx
+    fold, mask = fold_field(
+        height, width, angle_deg=angle_deg, offset_px=offset_px, fold_width_px=fold_width_px
+    )
+    beyond = _beyond(height, width, nx, ny, offset_px)
+    slide = torch.stack((slide_px * tx * beyond, slide_px * ty * beyond)).unsqueeze(0).to(torch.float32)
+    return fold + slide, mask, -fold - slide
+
+
+def _beyond(height: int, width: int, nx: float, ny: float, offset_px: float) -> torch.Tensor:
+    """``(H, W)`` bool: signed distance from the line (normal ``n``, offset from the centre) >= 0."""
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32) - cy,
+        torch.arange(width, dtype=torch.float32) - cx,
+        indexing="ij",
+    )
+    return xs * nx + ys * ny - offset_px >= 0

@@ -17,6 +17,33 @@ and its least-squares affine matrix (px at the coarse mip, origin = the region's
 
 A pair that cannot be measured (a blank section) is written as zeros and reported ``blank``; an
 unreliable estimate is reported with its reason and gets weight 0 in the stack solve.
+
+Torn sections (issue 16): with a ``defects`` layer, method ``"classical"``, and a defect mask that
+splits the tissue of ``z`` or ``z - k`` into >= 2 pieces (:func:`emcore.pieces.split_pieces`),
+the pair is estimated piece by piece (:func:`emcore.coarse_pieces.coarse_align_pieces`). Then
+
+* the field written to the pair layer is the torn piecewise field (each piece its own transform);
+* ``detail["matrix"]`` is the **largest piece's** matrix, not the least-squares affine of the torn
+  field (that would be a blend that fits neither side): a piecewise result does not fit in one
+  affine, so the section affine (:mod:`tasks.affine`) follows the largest piece;
+* ``detail["pieces"]`` lists the side whose mask split, and per piece its area, matrix,
+  reliability, whether it fell back to the whole-section transform, and why.
+
+Every other pair takes exactly the unsplit path. Limitation (not wired yet): the finetune stage
+reads sections through their section affines only, so the other pieces' motion relative to the
+largest one (``detail["pieces"]``) is not yet handed to the finetuner; it stays unaligned beyond
+the finetuner's residual range (``tasks.finetune.RESIDUAL_MOTION_PX``). The emcore-level recipe
+that recovers it (finetune on the source seen through the torn field, then
+``PiecewiseAlignment.compose_residual``) is measured in ``benchmarks/bench_folds.py``.
+
+Why the piece motion cannot simply ride in the finetuned residual ``Q[z, k]``: the stack solve
+(:func:`emcore.stack_solve.solve_stack` with the default ``anchor`` 1 and ``robust_px`` 2) treats
+a large residual as an outlier against its anchor. Measured on 4 sections of 128 px with section
+2's far half torn by 30 px in every pair that touches it (exact pairs, k = 1, 2): ``G[2]`` on the
+far side came out 0.40 px (anchor 0: 30.00 px; anchor 1 without the robust loss: 20.57 px). The
+torn motion has to live beside the section affine instead (a per-section piecewise coarse field
+``G_coarse[z]``, composed like ``G_affine[z]`` with no anchor on it, and read through by the
+finetune), which needs the per-piece transforms solved per section, not per pair.
 """
 
 from __future__ import annotations
@@ -26,12 +53,14 @@ from functools import lru_cache
 import torch
 
 from emcore.affine import fit_affine
+from emcore.coarse_pieces import PiecewiseAlignment, coarse_align_pieces
 from emcore.coarse_xcorr import coarse_align
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.models import Model, load_model
 from emcore.models.refine import LEARNED_METHODS, learned_coarse_align
+from emcore.pieces import split_pieces
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
@@ -49,6 +78,26 @@ def _shipped_model(name: str) -> Model:
 def section_box(region: VoxelBox, z: int) -> VoxelBox:
     """The xy extent of ``region`` at section ``z`` (one section thick)."""
     return VoxelBox((region.start[0], region.start[1], z), (region.stop[0], region.stop[1], z + 1))
+
+
+def _splits(image: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` (nonzero = defect) cuts the tissue of ``image`` into >= 2 pieces."""
+    return mask is not None and bool((mask != 0).any()) and split_pieces(image, mask != 0).count >= 2
+
+
+def _pieces_detail(result: PiecewiseAlignment) -> dict:
+    """The JSON-able per-piece summary of a piecewise coarse result."""
+    return {
+        "side": result.side,
+        "count": result.pieces.count,
+        "gap_px": int(result.gap.sum()),
+        "gap_conflicts": result.gap_conflicts,
+        "transforms": [
+            {"label": t.label, "area": t.area, "matrix": t.matrix.tolist(), "reliable": t.reliable,
+             "fallback": t.fallback, "reason": t.reason}
+            for t in result.transforms
+        ],
+    }  # fmt: skip
 
 
 def coarse_pair_task(
@@ -91,7 +140,21 @@ def coarse_pair_task(
         tgt_mask = read_tensor(mask_layer, tgt_box, mip)[0, 0]
     detail: dict = {"z": z, "k": k, "blank": False, "reliable": False, "confidence": 0.0, "reason": ""}
     try:
-        if network is None:
+        torn = network is None and (_splits(src, src_mask) or _splits(tgt, tgt_mask))
+        if torn:
+            pieces = coarse_align_pieces(src, tgt, src_mask, tgt_mask, model=model)
+            field = pieces.field
+            first = pieces.transforms[0]
+            confidence = pieces.whole.confidence if first.fallback else max(0.0, min(1.0, first.peak))
+            detail.update(
+                pieces=_pieces_detail(pieces),
+                translation=[float(pieces.matrix[0, 2]), float(pieces.matrix[1, 2])],
+                matrix=pieces.matrix.tolist(),
+                reliable=bool(pieces.reliable),
+                confidence=float(confidence),
+                reason=pieces.reason,
+            )
+        elif network is None:
             result = coarse_align(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, model=model)
             field = result.field
             detail.update(translation=[float(result.translation.dx), float(result.translation.dy)])
@@ -101,10 +164,11 @@ def coarse_pair_task(
                 moving_mask=src_mask, fixed_mask=tgt_mask,
             )  # fmt: skip
             field = result.field
-        detail.update(matrix=fit_affine(field).tolist())
-        detail.update(
-            reliable=bool(result.reliable), confidence=float(result.confidence), reason=result.reason
-        )
+        if not torn:
+            detail.update(matrix=fit_affine(field).tolist())
+            detail.update(
+                reliable=bool(result.reliable), confidence=float(result.confidence), reason=result.reason
+            )
     except BlankSectionError as exc:
         field = torch.zeros(1, 2, *src.shape)
         detail.update(blank=True, reason=str(exc), matrix=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
