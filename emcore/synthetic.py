@@ -88,6 +88,9 @@ def fold_field(
     returned mask marks that band (``0 <= d < fold_width_px``) in the deformed frame: a defect
     mask, the region an aligner must not trust and across which tissue may tear.
 
+    A straight-line toy; realistic folds and cracks (curved, 20-200 px motion, dark band or gap,
+    partial tears, exact truth and validity) are made by :mod:`emcore.synthetic_defects`.
+
     Returns:
         ``(field, mask)``: ``(1, 2, H, W)`` float32 field in px and ``(1, 1, H, W)`` bool mask.
     """
