@@ -6,7 +6,8 @@ sections are held out) of both stacks at about 40 nm/px (``vnc`` mip 3, 36.8 nm,
 defects (:func:`emcore.synthetic_defects.make_defect` with
 :func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
 cracks filled with resin or left empty; ``displacement_px`` and ``width_px`` of the recipe, px at
-that mip), drawn once into a pool. Each step draws ``batch`` items from the pool (a fraction
+that mip, and its ``resin_level``: resin brighter than the brightest tissue), drawn once into a
+pool. Each step draws ``batch`` items from the pool (a fraction
 ``clean_fraction`` of them clean sections, no defect), cuts a random ``crop`` px square, flips /
 rotates it and adds random EM artifacts (:func:`emcore.models.artifacts.add_artifacts`).
 
@@ -75,6 +76,7 @@ class DetectorRecipe:
     lr: float = 3e-3
     displacement_px: tuple[float, float] = (4.0, 40.0)
     width_px: tuple[float, float] = (3.0, 16.0)
+    resin_level: tuple[float, float] = (2.5, 4.0)
     defects_per_section: int = 6
     clean_fraction: float = 0.2
     dice_weight: float = 1.0
@@ -84,7 +86,9 @@ class DetectorRecipe:
 
     @property
     def defects(self) -> DefectSettings:
-        return DefectSettings(displacement_px=self.displacement_px, width_px=self.width_px)
+        return DefectSettings(
+            displacement_px=self.displacement_px, width_px=self.width_px, resin_level=self.resin_level
+        )
 
 
 DETECTOR_RECIPE = DetectorRecipe()
