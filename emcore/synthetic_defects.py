@@ -142,7 +142,8 @@ class SyntheticDefect:
             untorn samples are False).
         curve_points: per item, ``(K, 2)`` float32 (x, y) px of the curve samples inside the image.
         across: per item, the unit vector (x, y) across the curve, pointing into side B.
-        settings: per item, the settings used (displacement cap applied for partial tears).
+        settings: per item, the settings given (a partial tear's displacement cap is not in them:
+            ``displacements`` says what was drawn).
     """
 
     image: torch.Tensor
