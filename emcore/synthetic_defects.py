@@ -86,6 +86,8 @@ class DefectSettings:
         max_rotation_deg: largest rotation of side B (about a point of the curve).
         smooth_fraction: largest smooth (non-rigid) part, as a fraction of the displacement.
         mode: interpolation used to move side B (``"bilinear"`` or ``"bicubic"``).
+        resin_level: range of a resin-filled gap's brightness, in tissue std above the tissue mean
+            (plus noise of 0.1 std).
     """
 
     kind: str = "fold"
@@ -97,6 +99,7 @@ class DefectSettings:
     max_rotation_deg: float = 1.0
     smooth_fraction: float = 0.1
     mode: str = "bilinear"
+    resin_level: tuple[float, float] = (1.5, 3.0)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the bad parameter."""
@@ -139,7 +142,8 @@ class SyntheticDefect:
             untorn samples are False).
         curve_points: per item, ``(K, 2)`` float32 (x, y) px of the curve samples inside the image.
         across: per item, the unit vector (x, y) across the curve, pointing into side B.
-        settings: per item, the settings used (displacement cap applied for partial tears).
+        settings: per item, the settings given (a partial tear's displacement cap is not in them:
+            ``displacements`` says what was drawn).
     """
 
     image: torch.Tensor
@@ -383,7 +387,7 @@ def _one(clean: torch.Tensor, gen: torch.Generator, st: DefectSettings) -> dict[
         out = torch.where(band, overlap, out)
     fill = torch.zeros_like(clean)
     if st.crack_fill == "resin" or st.kind == "fold":
-        level = _uniform(gen, 1.5, 3.0)
+        level = _uniform(gen, *st.resin_level)
         noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64).to(clean.dtype)
         fill = mean + (level + 0.1 * noise) * std
     out = torch.where(gap, fill, out)

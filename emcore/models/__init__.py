@@ -17,6 +17,9 @@ Modules
 * :mod:`emcore.models.training` - encoder recipes and training loop.
 * :mod:`emcore.models.aligner_training` - large synthetic deformations (with folds) and the
   aligner's training loop.
+* :mod:`emcore.models.detect` - ``detect_defects(image, model)``: the fold/crack detector's mask.
+* :mod:`emcore.models.detector_training` - the detector's recipe (synthetic folds/cracks from
+  :mod:`emcore.synthetic_defects` in real EM), training loop and held-out evaluation.
 * :mod:`emcore.models.train` - ``python -m emcore.models.train <name>``; from Python
   ``train_and_save(name, steps=..., seed=..., out=...)``.
 

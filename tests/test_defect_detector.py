@@ -1,0 +1,106 @@
+"""The shipped fold/crack detector (emcore.models.detect) on held-out real sections."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from emcore.models import load_model
+from emcore.models.detect import defect_probability, detect_defects
+from emcore.models.detector_training import DETECTOR_RECIPE, defect_pool, train_detector
+from emcore.models.em_data import HELD_OUT, load_stack
+from emcore.models.training import Source
+from emcore.synthetic_defects import DefectSettings, make_defect
+
+# Measured with the shipped weights (see emcore/models/weights/README.md); the floors leave room for
+# floating-point differences between machines, and fail for an untrained network.
+FOLD_IOU_FLOOR = 0.8
+CLEAN_MARKED_CEILING = 0.005
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return load_model("defect_detector")
+
+
+@pytest.fixture(scope="module")
+def held_out() -> torch.Tensor:
+    """Held-out vnc section 17 at mip 3 (36.8 nm/px, 128 px), normalized; from data/reduced_mip2."""
+    assert 17 in HELD_OUT["vnc"]
+    return load_stack("vnc", 3, [17])
+
+
+def test_shipped_detector_finds_a_fold_on_a_held_out_section(detector, held_out):
+    settings = DefectSettings(kind="fold", displacement_px=(10.0, 30.0), width_px=(6.0, 12.0))
+    d = make_defect(held_out, torch.Generator().manual_seed(3), settings)
+    target = d.mask & (d.image != 0)
+    assert target.float().mean() > 0.02
+    marked = detect_defects(d.image, detector)
+    assert marked.shape == d.image.shape and marked.dtype == torch.bool
+    iou = float((marked & target).sum() / (marked | target).sum())
+    assert iou > FOLD_IOU_FLOOR, iou
+
+
+def test_shipped_detector_finds_a_resin_crack_on_a_held_out_section(detector, held_out):
+    settings = DefectSettings(
+        kind="crack",
+        crack_fill="resin",
+        displacement_px=(10.0, 30.0),
+        width_px=(6.0, 12.0),
+        resin_level=DETECTOR_RECIPE.resin_level,  # resin brighter than the tissue, as in training
+    )
+    d = make_defect(held_out, torch.Generator().manual_seed(4), settings)
+    target = d.mask & (d.image != 0)
+    marked = detect_defects(d.image, detector)
+    iou = float((marked & target).sum() / (marked | target).sum())
+    assert iou > FOLD_IOU_FLOOR, iou
+
+
+def test_shipped_detector_leaves_the_clean_held_out_sections_alone(detector):
+    """All 12 held-out sections of both stacks, no defect: the marked fraction of their tissue."""
+    marked = tissue = 0
+    for source in DETECTOR_RECIPE.sources:
+        clean = load_stack(source.dataset, source.mip, HELD_OUT[source.dataset])
+        marked += int(detect_defects(clean, detector).sum())
+        tissue += int((clean != 0).sum())
+    assert marked / tissue < CLEAN_MARKED_CEILING, marked / tissue
+
+
+def test_no_data_is_never_marked_and_tiles_do_not_matter(detector, held_out):
+    d = make_defect(
+        held_out,
+        torch.Generator().manual_seed(5),
+        DefectSettings(kind="crack", crack_fill="zero", displacement_px=(10.0, 30.0), width_px=(6.0, 12.0)),
+    )
+    image = d.image.clone()
+    image[..., :20, :] = 0
+    whole = defect_probability(image, detector, tile=None)
+    tiled = defect_probability(image, detector, tile=48)
+    assert torch.allclose(whole, tiled, atol=1e-5)
+    marked = detect_defects(image, detector)
+    assert not marked[image == 0].any()
+
+
+def test_bad_input_is_a_clear_error(detector, held_out):
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        detect_defects(held_out[0], detector)
+    with pytest.raises(ValueError, match="threshold"):
+        detect_defects(held_out, detector, threshold=1.5)
+
+
+def test_a_short_training_run_learns_something():
+    recipe = dataclasses.replace(
+        DETECTOR_RECIPE,
+        sources=(Source("vnc", 3, 64),),
+        defects_per_section=1,
+        steps=2,
+        batch=2,
+    )
+    pool = defect_pool(recipe, recipe.sources[0], [0, 1], seed=0)
+    assert pool.images.shape == (2, 1, 128, 128) and pool.targets.dtype == torch.bool
+    assert pool.targets.any() and not torch.equal(pool.images, pool.clean)
+    net, history = train_detector(recipe, steps=2, seed=0, log=None)
+    assert len(history.rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history.rows)
+    assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
