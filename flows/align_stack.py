@@ -1,4 +1,6 @@
-"""``align_stack``: the whole pipeline, normalize -> encode -> coarse_align -> finetune -> solve -> render.
+"""``align_stack``: the whole pipeline, normalize -> detect -> encode -> coarse_align -> finetune ->
+solve -> render (``detect`` runs the fold/crack detector only with ``detect_defects="auto"`` and no
+``defects`` layer; its mask is then the run's defects layer).
 
 Each stage is a sub-flow (see :mod:`flows.stages`) running its chunk tasks on one shared dask
 cluster (an existing one at ``dask_address`` or a LocalCluster started for the run); then the
@@ -22,11 +24,13 @@ from flows.params import AlignParams
 from flows.runtime import ClusterConfig, cluster, stage_task_runner, use_cluster
 from flows.stages import (
     coarse_align_flow,
+    detect_flow,
     encode_flow,
     finetune_flow,
     normalize_flow,
     render_flow,
     solve_flow,
+    with_detected_defects,
 )
 from tasks.report import build_report
 from tasks.run_page import StageProgress, publish_report
@@ -53,6 +57,7 @@ def _notify(stage: str, summary: dict[str, Any]) -> None:
 
 STAGES: dict[str, Any] = {
     "normalize": normalize_flow,
+    "detect": detect_flow,
     "encode": encode_flow,
     "coarse_align": coarse_align_flow,
     "finetune": finetune_flow,
@@ -139,7 +144,7 @@ def align_stack(
             progress.stage_done(name, summaries[name])
             _notify(name, summaries[name])
     with output_lock(params.output):
-        summaries["report"] = report_stage(params, summaries)
+        summaries["report"] = report_stage(with_detected_defects(params), summaries)
     progress.stage_done("report", summaries["report"])
     _notify("report", summaries["report"])
     logger.info("align_stack finished: %s", summaries["report"]["summary"])

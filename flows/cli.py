@@ -231,7 +231,7 @@ def _stage_command(name: str) -> None:
     app.command(name.replace("_", "-"))(command)
 
 
-for _name in ("normalize", "encode", "coarse_align", "finetune", "solve", "render"):
+for _name in ("normalize", "detect", "encode", "coarse_align", "finetune", "solve", "render"):
     _stage_command(_name)
 
 

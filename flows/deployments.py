@@ -12,6 +12,7 @@ from typing import Any
 from flows.align_stack import align_stack
 from flows.stages import (
     coarse_align_flow,
+    detect_flow,
     downsample_flow,
     encode_flow,
     finetune_flow,
@@ -27,6 +28,7 @@ def deployments() -> list[Any]:
     """``RunnerDeployment``s of every flow, for ``prefect.serve``."""
     stages = [
         normalize_flow,
+        detect_flow,
         encode_flow,
         coarse_align_flow,
         finetune_flow,

@@ -19,6 +19,8 @@ Under the output path ``<out>`` (a local directory or a cloud path):
                                  non-blank section fixed), at the finetune mip
 ``<out>/aligned``                the source image rendered through ``G``, every mip
 ``<out>/masks/defects``          the input defect mask (the demo writes it here)
+``<out>/masks/detected``         the detector's defect mask (``detect_defects="auto"`` without a
+                                 ``defects`` layer), used as the defects layer, every mip
 ``<out>/masks/aligned_defects``  the defect mask rendered through ``G``, every mip
 ``<out>/report/``                report.md, quality.csv, run.json, PNG thumbnails and reslices
 ===============================  =====================================================================
@@ -70,6 +72,11 @@ class Layout:
     @property
     def defects(self) -> str:
         return self._join("masks", "defects")
+
+    @property
+    def detected_defects(self) -> str:
+        """``<out>/masks/detected``: the detector's mask (``detect_defects="auto"``, no ``defects``)."""
+        return self._join("masks", "detected")
 
     @property
     def aligned_defects(self) -> str:

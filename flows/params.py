@@ -53,6 +53,12 @@ class AlignParams(BaseModel):
     defects: str | None = Field(
         None, description="optional defect mask layer (nonzero = fold/crack), source frame"
     )
+    detect_defects: Literal["auto", "none"] = Field(
+        "none",
+        description='without a defects layer: "auto" runs the shipped fold/crack detector on the '
+        "normalized sections (30-50 nm/px) and uses its mask, written to <out>/masks/detected, as the "
+        'defects layer; "none" aligns without a mask',
+    )
     true_fields: str | None = Field(
         None,
         description="optional ground-truth field layer G[z] (for the report's residual), at finetune_mip",

@@ -30,6 +30,7 @@ from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
 from tasks.affine import refine_section_affines, section_affines
 from tasks.coarse import coarse_pair_task
+from tasks.detect import DETECTOR, detect_chunk_task, detection_mip
 from tasks.encode import encode_chunk_task, resolve_encoder
 from tasks.finetune import blend_chunk_task, finetune_chunk_task, pair_residual_affines
 from tasks.markers import count
@@ -184,6 +185,56 @@ def normalize_flow(params: AlignParams) -> dict[str, Any]:
     return _summary("normalize", outcomes, blank=blank, sections=sections)
 
 
+def with_detected_defects(params: AlignParams) -> AlignParams:
+    """``params`` with ``defects`` = the detector's mask when it was asked for and has been written."""
+    if params.defects is not None or params.detect_defects != "auto":
+        return params
+    path = Layout(params.output).detected_defects
+    try:
+        open_layer(path)
+    except LayerNotFoundError:
+        return params
+    return params.model_copy(update={"defects": path})
+
+
+@flow(name="detect_defects", log_prints=True)
+def detect_flow(params: AlignParams) -> dict[str, Any]:
+    """Fold / crack masks by the shipped detector (:mod:`tasks.detect`) into ``<out>/masks/detected``,
+    when ``detect_defects="auto"`` and no ``defects`` layer is given; later stages use it as the
+    defects layer (:func:`with_detected_defects`)."""
+    params = absolute_params(params)  # workers may run in another directory
+    if params.defects is not None or params.detect_defects != "auto":
+        return {"stage": "detect", "done": 0, "skipped": 0, "defects": params.defects}
+    layout = Layout(params.output)
+    normalized = _require(layout.normalized, "normalize")
+    resolutions = [normalized.resolution(m)[0] for m in range(normalized.num_mips)]
+    mip = detection_mip(resolutions, params.finetune_mip)
+    if mip is None:
+        get_run_logger().warning(
+            "detect_defects: no mip of %s at or above the finetune mip is within the detector's 30-50 "
+            "nm/px (mips: %s nm/px): aligned without a defect mask", normalized.path, resolutions,
+        )
+        return {"stage": "detect", "done": 0, "skipped": 0, "defects": None}
+    out = _create_like(params.source_layer(), layout.detected_defects, "mask", "uint8")
+    region = params.region(out, mip)
+    outcomes = run_chunks(
+        detect_chunk_task,
+        [dict(normalized=normalized.path, output=out.path, box=box, mip=mip, pad=params.pad)
+         for box in out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1))],
+        "detect",
+    )  # fmt: skip
+    marked: dict[int, int] = {}
+    for o in outcomes:
+        marked[o.detail["z"]] = marked.get(o.detail["z"], 0) + o.detail["marked"]
+    outcomes += _downsample(out, params, mip, (normalized.path, "detect"))
+    _provenance(out, f"sectionflow detect_defects: {DETECTOR} at mip {mip}", params)
+    area = region.shape[0] * region.shape[1]
+    fraction = {z: round(n / area, 6) for z, n in sorted(marked.items()) if n}
+    if fraction:
+        get_run_logger().info("detect_defects: sections with a defect (fraction marked): %s", fraction)
+    return _summary("detect", outcomes, defects=out.path, mip=mip, marked_fraction=fraction)
+
+
 @flow(name="encode", log_prints=True)
 def encode_flow(params: AlignParams) -> dict[str, Any]:
     """Encode the normalized sections at the finetune mip with the encoder for that resolution.
@@ -221,7 +272,7 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     reliable, confidence, reason, matrix; and the pairs used downstream), then solves the section
     affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``.
     """
-    params = absolute_params(params)  # workers may run in another directory
+    params = with_detected_defects(absolute_params(params))  # workers may run elsewhere
     layout = Layout(params.output)
     normalized = _require(layout.normalized, "normalize")
     info = _read_json(normalized.path, "sections.json", "normalize")
@@ -273,7 +324,7 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
 @flow(name="finetune", log_prints=True)
 def finetune_flow(params: AlignParams) -> dict[str, Any]:
     """Refine every used pairwise field at the finetune mip, chunk by chunk, from the coarse field."""
-    params = absolute_params(params)  # workers may run in another directory
+    params = with_detected_defects(absolute_params(params))  # workers may run elsewhere
     layout = Layout(params.output)
     root = layout.pairwise(1).rsplit("/", 1)[0]
     used = [tuple(p) for p in _read_json(root, "pairs.json", "coarse_align")["used"]]
@@ -369,7 +420,7 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
 @flow(name="render", log_prints=True)
 def render_flow(params: AlignParams) -> dict[str, Any]:
     """Render the source (and the defect mask) through the final fields at the render mip, then mips above."""
-    params = absolute_params(params)  # workers may run in another directory
+    params = with_detected_defects(absolute_params(params))  # workers may run elsewhere
     layout = Layout(params.output)
     fields = _require(layout.final_fields, "solve")
     src = params.source_layer()

@@ -55,8 +55,8 @@ def test_cli_reports_invalid_parameters_without_running(tmp_path, tiny_stack):
 def test_cli_help_lists_the_stages():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("normalize", "encode", "coarse-align", "finetune", "solve", "render", "downsample",
-                    "align-stack", "demo", "serve"):
+    for command in ("normalize", "detect", "encode", "coarse-align", "finetune", "solve", "render",
+                    "downsample", "align-stack", "demo", "serve"):
         assert command in result.output
 
 
@@ -64,7 +64,8 @@ def test_deployments_cover_every_flow_with_a_paused_schedule():
     from flows.deployments import deployments
 
     deps = {d.name: d for d in deployments()}
-    for name in ("normalize", "encode", "coarse_align", "finetune", "solve", "render", "downsample"):
+    for name in ("normalize", "detect_defects", "encode", "coarse_align", "finetune", "solve", "render",
+                 "downsample"):
         assert f"{name}-local" in deps
     assert deps["align_stack-local"].schedules and deps["align_stack-local"].paused
 

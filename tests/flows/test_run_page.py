@@ -47,7 +47,7 @@ def test_report_and_progress_are_on_the_align_stack_run_page(tiny_run):
     stages = max(by_key["align-stack-stages"], key=lambda a: a.created)
     rows = json.loads(stages.data) if isinstance(stages.data, str) else stages.data
     assert [r["stage"] for r in rows] == [
-        "normalize", "encode", "coarse_align", "finetune", "solve", "render", "report"
+        "normalize", "detect", "encode", "coarse_align", "finetune", "solve", "render", "report"
     ]
     html = os.path.join(Layout(params.output).report_dir, "report.html")
     with open(html) as fh:

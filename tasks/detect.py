@@ -1,0 +1,78 @@
+"""Detect stage task: fold / crack masks from the normalized sections, by the shipped detector.
+
+:func:`detect_chunk_task` reads one chunk of ``<out>/normalized`` at the detection mip with
+``pad`` px of context, runs :func:`emcore.models.detect.detect_defects` (the shipped
+``defect_detector``, trained on normalized sections at 30-50 nm/px), crops the context and writes
+the mask (uint8, 1 = defect) into ``<out>/masks/detected`` at that mip and, repeated pixel by
+pixel, at every finer mip down to 0 (the defects layer has the source's geometry, and stages read
+it at their own mips); the coarser mips are max-downsampled by the stage. Only what the detector
+marks on tissue is a defect: an empty crack gap is no data already (0 in the images).
+
+:func:`detection_mip` picks the mip: the finest one at or above the finetune mip whose resolution
+lies in the detector's trained range (``resolution_nm`` of its config), or ``None``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from emcore.geometry import VoxelBox
+from emcore.layers import open_layer
+from emcore.models import Model, load_model
+from emcore.models.detect import DEFAULT_THRESHOLD, detect_defects
+from tasks.io import read_tensor
+from tasks.markers import ChunkMarker, ChunkOutcome
+
+__all__ = ["DETECTOR", "detect_chunk_task", "detection_mip"]
+
+#: The shipped detector the stage runs.
+DETECTOR = "defect_detector"
+
+
+@lru_cache(maxsize=1)
+def _detector() -> Model:
+    """The shipped detector, loaded once per worker process."""
+    return load_model(DETECTOR)
+
+
+def detection_mip(resolutions_nm: list[float], first_mip: int) -> int | None:
+    """The finest mip ``>= first_mip`` whose x resolution (nm/px) is in the detector's range."""
+    lo, hi = _detector().config.resolution_nm
+    for mip in range(first_mip, len(resolutions_nm)):
+        if lo <= resolutions_nm[mip] <= hi:
+            return mip
+    return None
+
+
+def detect_chunk_task(
+    normalized: str, output: str, box: VoxelBox, mip: int, *, pad: int, threshold: float = DEFAULT_THRESHOLD
+) -> ChunkOutcome:
+    """Detect defects on ``box`` (one section, voxels at ``mip``) and write the mask at ``mip`` .. 0.
+
+    The outcome's detail holds ``z`` and ``marked`` (defect pixels at ``mip``).
+    """
+    marker = ChunkMarker(output, "detect", f"{box}@{mip}", (normalized,),
+                         {"mip": mip, "pad": pad, "threshold": threshold, "model": DETECTOR})
+    previous = marker.read_extra()
+    if previous is not None:
+        return ChunkOutcome("detect", str(box), "skipped", previous)
+    image = read_tensor(open_layer(normalized), box, mip, pad=pad)  # (1, 1, Y + 2 pad, X + 2 pad)
+    mask = detect_defects(image, _detector(), threshold=threshold)
+    if pad:
+        mask = mask[..., pad:-pad, pad:-pad]
+    out = open_layer(output)
+    data = mask.to(torch.uint8).numpy()
+    out.write(box, data, mip)
+    for finer in range(mip - 1, -1, -1):
+        f = 2 ** (mip - finer)
+        bounds = out.bounds(finer)
+        start = (box.start[0] * f, box.start[1] * f, box.start[2])
+        stop = (min(box.stop[0] * f, bounds.stop[0]), min(box.stop[1] * f, bounds.stop[1]), box.stop[2])
+        up = np.repeat(np.repeat(data, f, axis=2), f, axis=3)[..., : stop[1] - start[1], : stop[0] - start[0]]
+        out.write(VoxelBox(start, stop), np.ascontiguousarray(up), finer)
+    detail = {"z": box.start[2], "marked": int(mask.sum())}
+    marker.mark_done(detail)
+    return ChunkOutcome("detect", str(box), "done", detail)
