@@ -46,7 +46,10 @@ def torn_sections(
     """``{z: {"pair": "z-k", "pair_matrices": [M_p ...]}}`` for every section split on its own side.
 
     For each section the used pair with the smallest ``k`` decides: it must be a piecewise pair
-    (``detail["pieces"]``) whose pieces are the source's (``z``'s own mask split it).
+    (``detail["pieces"]``) whose pieces are the source's (``z``'s own mask split it), and at least
+    one piece besides the largest must have its own estimate. A piece that fell back to the
+    whole-section transform (too small, or unreliable) follows the largest piece (``M_p = M_0``:
+    it stays with the section affine, as without a tear), not the whole-section blend.
     """
     out: dict[int, dict[str, Any]] = {}
     for z in sorted({z for z, _ in used}):
@@ -55,7 +58,12 @@ def torn_sections(
         pieces = detail.get("pieces")
         if detail.get("blank") or not pieces or pieces["side"] != "source" or pieces["count"] < 2:
             continue
-        out[z] = {"pair": f"{z}-{k}", "pair_matrices": [t["matrix"] for t in pieces["transforms"]]}
+        transforms = pieces["transforms"]
+        if all(t["fallback"] for t in transforms[1:]):
+            continue  # nothing moves apart from the largest piece: the plain path
+        largest = transforms[0]["matrix"]
+        out[z] = {"pair": f"{z}-{k}",
+                  "pair_matrices": [largest if t["fallback"] else t["matrix"] for t in transforms]}
     return out
 
 

@@ -103,3 +103,28 @@ def test_translation_only_piece_motion_at_the_centroid():
     s = torch.linalg.solve(eye + full[:, :2], c - full[:, 2])  # T_full(s) = c
     assert torch.allclose(s + rigid[:, :2] @ s + rigid[:, 2], c, atol=1e-6)
     assert not torch.allclose(full, rigid, atol=0.01)
+
+
+def test_torn_sections_pick_source_splits_with_own_piece_estimates():
+    from tasks.torn import torn_sections
+
+    def piece(matrix, fallback):
+        return {"matrix": matrix, "fallback": fallback}
+
+    m0, m1, whole = [[0, 0, 1.0], [0, 0, 2.0]], [[0, 0, 30.0], [0, 0, 2.0]], [[0, 0, 9.0], [0, 0, 9.0]]
+    status = {
+        "1-1": {"z": 1, "k": 1, "blank": False},
+        "2-1": {"z": 2, "k": 1, "pieces": {
+            "side": "source", "count": 3,
+            "transforms": [piece(m0, False), piece(m1, False), piece(whole, True)]}},
+        "2-2": {"z": 2, "k": 2, "pieces": {"side": "source", "count": 2,
+                                           "transforms": [piece(m0, False), piece(m1, False)]}},
+        "3-1": {"z": 3, "k": 1, "pieces": {"side": "target", "count": 2,
+                                           "transforms": [piece(m0, False), piece(m1, False)]}},
+        "4-1": {"z": 4, "k": 1, "pieces": {"side": "source", "count": 2,
+                                           "transforms": [piece(m0, False), piece(whole, True)]}},
+    }  # fmt: skip
+    torn = torn_sections(status, [(1, 1), (2, 1), (2, 2), (3, 1), (4, 1)])
+    assert sorted(torn) == [2]  # 3: target side only; 4: its other piece fell back
+    assert torn[2]["pair"] == "2-1"
+    assert torn[2]["pair_matrices"] == [m0, m1, m0]  # the fallback piece follows the largest one
