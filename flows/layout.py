@@ -15,6 +15,10 @@ Under the output path ``<out>`` (a local directory or a cloud path):
 ``<out>/fields/affine.json``     the section affines ``G_affine[z]`` (global affine solve of the
                                  coarse pairs); ``affine_refined.json``: re-solved with the ``R``
                                  (solve stage), the affines the final fields are composed with
+``<out>/fields/sections_coarse`` field: ``S[z]``, a torn section's coarse field (stack frame ->
+                                 raw ``z``, each piece its own affine, :mod:`tasks.torn`) at the
+                                 finetune mip; only torn sections are written. ``torn.json`` beside
+                                 it (in ``<out>/fields``) lists them, with their pieces' matrices
 ``<out>/fields/final``           field: ``G[z]`` aligning section ``z`` into the stack frame (first
                                  non-blank section fixed), at the finetune mip
 ``<out>/aligned``                the source image rendered through ``G``, every mip
@@ -60,6 +64,11 @@ class Layout:
     def fields_root(self) -> str:
         """``<out>/fields``: holds ``affine.json`` (the section affines, :mod:`tasks.affine`)."""
         return self._join("fields")
+
+    @property
+    def sections_coarse(self) -> str:
+        """``<out>/fields/sections_coarse``: torn sections' coarse fields ``S[z]`` (:mod:`tasks.torn`)."""
+        return self._join("fields", "sections_coarse")
 
     @property
     def final_fields(self) -> str:

@@ -38,6 +38,7 @@ from tasks.normalize import normalize_chunk_task, section_stats_task
 from tasks.pyramid import downsample_chunk_task, pyramid_chunks
 from tasks.render import render_chunk_task
 from tasks.solve import solve_chunk_task
+from tasks.torn import torn_section_task, torn_sections
 from tasks.version import code_version
 
 __all__ = [
@@ -270,7 +271,9 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
 
     Writes ``<out>/fields/pairwise/z-<k>`` and ``pairs.json`` (each pair's status: blank,
     reliable, confidence, reason, matrix; and the pairs used downstream), then solves the section
-    affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``.
+    affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``; then
+    the coarse fields ``S[z]`` of the sections that their own defect mask split
+    (``<out>/fields/sections_coarse`` and ``<out>/fields/torn.json``, :mod:`tasks.torn`).
     """
     params = with_detected_defects(absolute_params(params))  # workers may run elsewhere
     layout = Layout(params.output)
@@ -313,12 +316,50 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
             "sections without a reliable coarse pair (affine interpolated from their neighbours): %s",
             affines["fallback"],
         )
+    outcomes += _torn_fields(params, layout, normalized, status, used, affines, region)
     for k in sorted({k for _, k in pairs}):
         _provenance(open_layer(layout.pairwise(k)), f"sectionflow pairwise fields z -> z-{k}", params)
+    torn = sorted(int(z) for z in _read_torn(layout)["sections"])
     return _summary(
         "coarse_align", outcomes, pairs=len(pairs), used=len(used), unreliable=unreliable,
-        method=params.coarse_method, fallback=affines["fallback"],
+        method=params.coarse_method, fallback=affines["fallback"], torn=torn,
     )  # fmt: skip
+
+
+def _read_torn(layout: Layout) -> dict[str, Any]:
+    """``<out>/fields/torn.json`` (``{"sections": {z: {...}}}``); no sections when it is absent."""
+    raw = CloudFiles(layout.fields_root).get("torn.json")
+    return json.loads(raw) if raw is not None else {"sections": {}}
+
+
+def _torn_fields(
+    params: AlignParams, layout: Layout, normalized: Layer, status: dict[str, dict[str, Any]],
+    used: list[tuple[int, int]], affines: dict[str, Any], region: VoxelBox,
+) -> list:
+    """The torn sections' coarse fields ``S[z]`` (:mod:`tasks.torn`) and ``torn.json``."""
+    torn = torn_sections(status, [tuple(p) for p in used]) if params.defects else {}
+    outcomes: list = []
+    if torn:
+        out = _create_like(normalized, layout.sections_coarse, "field")
+        mip = params.finetune_mip
+        fine_region = params.region(out, mip)
+        chunks = [c for c in out.grid(mip).chunks(fine_region, (params.chunk_xy, params.chunk_xy, 1))
+                  if c.start[2] == fine_region.start[2]]
+        outcomes = run_chunks(
+            torn_section_task,
+            [dict(image=normalized.path, defects=params.defects, output=out.path, region=region, z=z,
+                  coarse_mip=params.coarse_mip, finetune_mip=mip,
+                  section_affine=affines["matrices_coarse"][str(z)], piece_matrices=info["pair_matrices"],
+                  fine_region=fine_region, chunks=chunks)
+             for z, info in sorted(torn.items())],
+            "torn sections",
+        )
+        _provenance(out, "sectionflow torn sections' coarse fields S[z] (one affine per piece)", params)
+        get_run_logger().info("torn sections (read through their piecewise coarse field): %s", sorted(torn))
+    record = {"sections": {str(o.detail["z"]): {**torn[o.detail["z"]], **o.detail} for o in outcomes},
+              "finetune_mip": params.finetune_mip}
+    _write_json(layout.fields_root, "torn.json", record)
+    return outcomes
 
 
 @flow(name="finetune", log_prints=True)
@@ -337,10 +378,17 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
     margin = blend_margin(params.pad, xy_chunks)
     options = {"pad": params.pad, "margin": margin, "bounds": region, "sm": params.sm,
                "num_iter": params.num_iter, "defects": params.defects}
+    torn = {int(z) for z in _read_torn(layout)["sections"]}
+
+    def torn_options(z: int, k: int) -> dict[str, Any]:  # unsplit pairs: exactly today's call
+        mine = sorted(torn & {z, z - k})
+        return {"coarse_fields": layout.sections_coarse, "torn": mine} if mine else {}
+
     outcomes = run_chunks(
         finetune_chunk_task,
         [dict(image=image.path, pairs=layout.pairwise(k), box=box, z=z, k=k, mip=mip,
-              affines={str(z): affines[str(z)], str(z - k): affines[str(z - k)]}, **options)
+              affines={str(z): affines[str(z)], str(z - k): affines[str(z - k)]}, **options,
+              **torn_options(z, k))
          for z, k in used for box in xy_chunks],
         "finetune",
     )  # fmt: skip
@@ -349,7 +397,8 @@ def finetune_flow(params: AlignParams) -> dict[str, Any]:
     )
     _write_json(root, "residual_affines.json", {"mip": mip, "region": str(region), "residual": residual})
     run_key = json.dumps(
-        {**options, "bounds": str(region), "image": image.path, "affines": affines},
+        {**options, "bounds": str(region), "image": image.path, "affines": affines,
+         **({"torn": sorted(torn)} if torn else {})},
         sort_keys=True, default=str,
     )
     outcomes += run_chunks(
@@ -392,6 +441,9 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
     )
     _write_json(layout.fields_root, "affine_refined.json", refined)
     affines = refined["matrices"]
+    torn_ids = sorted(int(z) for z in _read_torn(layout)["sections"])
+    torn = {"torn": {str(z): coarse_affines["matrices"][str(z)] for z in torn_ids},
+            "coarse_fields": layout.sections_coarse} if torn_ids else {}
     xy = list(out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, region.shape[2])))
     # z-blocks with overlap: the anchored residual solve is local in z, so a block of
     # ``solve_block_z`` sections read with ``solve_overlap_z`` sections on each side equals the
@@ -406,7 +458,7 @@ def solve_flow(params: AlignParams) -> dict[str, Any]:
                            (box.stop[0], box.stop[1], min(z_stop, hi + over))),
               mip=mip, pad=params.pad, used_pairs=used, blank=blank, affines=affines, region=region,
               pair_affines=residual, core_z=(lo, hi), smoothness=params.smoothness, anchor=params.anchor,
-              robust_px=params.robust_px)
+              robust_px=params.robust_px, **torn)
          for box in xy for lo, hi in blocks],
         "solve",
     )  # fmt: skip

@@ -29,21 +29,18 @@ the pair is estimated piece by piece (:func:`emcore.coarse_pieces.coarse_align_p
 * ``detail["pieces"]`` lists the side whose mask split, and per piece its area, matrix,
   reliability, whether it fell back to the whole-section transform, and why.
 
-Every other pair takes exactly the unsplit path. Limitation (not wired yet): the finetune stage
-reads sections through their section affines only, so the other pieces' motion relative to the
-largest one (``detail["pieces"]``) is not yet handed to the finetuner; it stays unaligned beyond
-the finetuner's residual range (``tasks.finetune.RESIDUAL_MOTION_PX``). The emcore-level recipe
-that recovers it (finetune on the source seen through the torn field, then
-``PiecewiseAlignment.compose_residual``) is measured in ``benchmarks/bench_folds.py``.
+Every other pair takes exactly the unsplit path. The other pieces' motion relative to the largest
+one (``detail["pieces"]``) is handed to the later stages beside the section affine, as the torn
+section's coarse field ``S[z]`` (:mod:`tasks.torn`, built by the coarse stage flow after the affine
+solve): the finetune stage reads a torn section through ``S[z]`` and the solve stage composes the
+final field with it.
 
 Why the piece motion cannot simply ride in the finetuned residual ``Q[z, k]``: the stack solve
 (:func:`emcore.stack_solve.solve_stack` with the default ``anchor`` 1 and ``robust_px`` 2) treats
 a large residual as an outlier against its anchor. Measured on 4 sections of 128 px with section
 2's far half torn by 30 px in every pair that touches it (exact pairs, k = 1, 2): ``G[2]`` on the
-far side came out 0.40 px (anchor 0: 30.00 px; anchor 1 without the robust loss: 20.57 px). The
-torn motion has to live beside the section affine instead (a per-section piecewise coarse field
-``G_coarse[z]``, composed like ``G_affine[z]`` with no anchor on it, and read through by the
-finetune), which needs the per-piece transforms solved per section, not per pair.
+far side came out 0.40 px (anchor 0: 30.00 px; anchor 1 without the robust loss: 20.57 px). So the
+torn motion lives beside the section affine, with no anchor on it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ For pair ``(z, k)`` and a processing chunk (voxels at the finetune mip) the task
 ``pad`` px of context on each side, sections ``z`` and ``z - k`` each seen through its section
 affine from the global affine stage (:mod:`tasks.affine`; :func:`tasks.io.read_through_field`
 reads only the source region the affine points into), so both are already in the affinely aligned
-stack frame. It runs :func:`emcore.finetune.finetune` (coarse to fine inside the chunk) from the
+stack frame. A torn section (:mod:`tasks.torn`) is read through its coarse field ``S[z]`` instead
+(each piece its own affine), so its pieces' relative motion is not part of the residual
+either. It runs :func:`emcore.finetune.finetune` (coarse to fine inside the chunk) from the
 zero field: the result ``Q[z, k]`` is the small residual with
 ``warp(A_z(img_z), Q) ~= A_{z-k}(img_{z-k})``. It crops the context down to a *piece* (the chunk
 grown by a blend ``margin``, :func:`emcore.blend.piece_box`) and stores it beside the pair layer
@@ -36,7 +38,7 @@ from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from tasks.affine import affine_field
 from tasks.coarse import section_box
-from tasks.io import read_through_field
+from tasks.io import read_field, read_through_field
 from tasks.markers import ChunkMarker, ChunkOutcome
 
 __all__ = ["RESIDUAL_MOTION_PX", "blend_chunk_task", "finetune_chunk_task", "pair_residual_affines"]
@@ -86,12 +88,16 @@ def finetune_chunk_task(
     sm: float,
     num_iter: int,
     defects: str | None = None,
+    coarse_fields: str | None = None,
+    torn: list[int] | None = None,
 ) -> ChunkOutcome:
     """Refine ``Q[z, k]`` on ``box`` (xy chunk at ``mip``, any z) and store its blend piece.
 
     ``affines`` holds ``G_affine`` of sections ``z`` and ``z - k`` (``{str(z): 2 x 3}``, px at
     ``mip``, origin = ``bounds.start``); ``bounds`` is the region the chunks tile (xy, voxels at
-    ``mip``); ``margin <= pad`` is the blend margin in px.
+    ``mip``); ``margin <= pad`` is the blend margin in px. Sections listed in ``torn`` are read
+    through their coarse field ``S[z]`` in the layer ``coarse_fields`` (:mod:`tasks.torn`, same mip;
+    replicated past the layer bounds) instead of their affine.
     """
     if margin > pad:
         raise ValueError(f"blend margin {margin} px must not exceed the context pad {pad} px")
@@ -106,6 +112,11 @@ def finetune_chunk_task(
         "sm": sm,
         "num_iter": num_iter,
     }
+    torn_set = set(torn or ())
+    if torn_set:
+        if coarse_fields is None:
+            raise ValueError(f"torn sections {sorted(torn_set)} need the coarse_fields layer")
+        params.update(coarse_fields=coarse_fields, torn=sorted(torn_set))
     chunk = section_box(box, z)
     marker = ChunkMarker(pairs, "finetune", f"{chunk}@{mip}:{z}-{k}", (image, defects or ""), params)
     previous = marker.read_extra()
@@ -114,8 +125,14 @@ def finetune_chunk_task(
     padded = chunk.padded(pad)
     img = open_layer(image)
     src_box, tgt_box = section_box(padded, z), section_box(padded, z - k)
-    src_affine = affine_field(affines[str(z)], src_box, bounds)
-    tgt_affine = affine_field(affines[str(z - k)], tgt_box, bounds)
+
+    def section_field(section: int, section_box_: VoxelBox):
+        if section in torn_set:
+            return read_field(open_layer(coarse_fields), section_box_, mip)
+        return affine_field(affines[str(section)], section_box_, bounds)
+
+    src_affine = section_field(z, src_box)
+    tgt_affine = section_field(z - k, tgt_box)
     src = read_through_field(img, src_box, mip, src_affine)
     tgt = read_through_field(img, tgt_box, mip, tgt_affine)
     src_def = tgt_def = None

@@ -19,14 +19,23 @@ into the section affines, :func:`tasks.affine.refine_section_affines`), then
 
 then crops the context and writes ``G[z] = compose(H[z], G_affine[z])`` (exact,
 :func:`emcore.affine.compose_with_affine`: no context needed for the affine part, however large)
-for every section into ``<out>/fields/final``.
+for every section into ``<out>/fields/final``. A torn section (:mod:`tasks.torn`) is composed with
+its coarse field ``S[z]`` instead, brought to the refined affine: ``G[z] = compose(compose(H[z],
+R_z), S[z])`` with ``T_R_z = T_A^-1 o T_A'`` (``A`` the coarse-stage affine ``S`` was built on,
+``A'`` the refined one), ``S`` read on the padded box and the result cropped.
 """
 
 from __future__ import annotations
 
 import torch
 
-from emcore.affine import affine_displacement_field, compose_with_affine, shift_origin
+from emcore.affine import (
+    affine_displacement_field,
+    compose_matrices,
+    compose_with_affine,
+    invert_matrix,
+    shift_origin,
+)
 from emcore.field import compose
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
@@ -87,6 +96,8 @@ def solve_chunk_task(
     smoothness: float = 0.0,
     anchor: float = 0.0,
     robust_px: float = 2.0,
+    torn: dict[str, list[list[float]]] | None = None,
+    coarse_fields: str | None = None,
 ) -> ChunkOutcome:
     """Solve the stack on ``box`` (xy chunk at ``mip``, all sections of the region in z).
 
@@ -103,6 +114,11 @@ def solve_chunk_task(
             (:func:`tasks.affine.refine_section_affines`). A pair without one is used as it is.
         core_z: the sections ``[lo, hi)`` this task writes (default all of ``box``); the others
             are z context.
+        torn: ``{str(z): 2 x 3}`` torn sections (:mod:`tasks.torn`) with the affine ``A[z]`` their
+            coarse field ``S[z]`` (layer ``coarse_fields``, same mip) was built on. Their final field
+            is ``G = compose(compose_with_affine(H, R_z), S)`` with ``T_R_z = T_A^-1 o T_A'`` (``A'`` =
+            ``affines[z]``), on the padded box, then cropped; every other section takes
+            ``compose_with_affine(H, A')`` as before.
     """
     lo, hi = (box.start[2], box.stop[2]) if core_z is None else core_z
     if not box.start[2] <= lo < hi <= box.stop[2]:
@@ -120,6 +136,10 @@ def solve_chunk_task(
         "region": str(region),
         "core_z": [lo, hi],
     }
+    if torn:
+        if coarse_fields is None:
+            raise ValueError(f"torn sections {sorted(torn)} need the coarse_fields layer")
+        params.update(torn={z: torn[z] for z in sorted(torn)}, coarse_fields=coarse_fields)
     marker = ChunkMarker(
         output, "solve", f"{box}@{mip}", tuple(pair_layers[k] for k in sorted(pair_layers)), params
     )
@@ -153,14 +173,21 @@ def solve_chunk_task(
         pairs, num, weights=weights or None, blank=rel_blank, fixed=pinned, smoothness=smoothness,
         anchor=anchor, robust_px=robust_px, max_sweeps=SOLVE_MAX_SWEEPS, tol=SOLVE_TOL_PX,
     )
-    fields = solution.fields
-    if pad:
-        fields = fields[..., pad:-pad, pad:-pad]
+    padded_fields = solution.fields
+    fields = padded_fields[..., pad:-pad, pad:-pad] if pad else padded_fields
     offset = (box.start[0] - region.start[0], box.start[1] - region.start[1])
-    final = torch.cat([
-        compose_with_affine(fields[i : i + 1], shift_origin(torch.tensor(affines[str(z0 + i)]), offset))
-        for i in range(lo - z0, hi - z0)
-    ])  # fmt: skip
+
+    def final_field(i: int) -> torch.Tensor:
+        z = z0 + i
+        if not torn or str(z) not in torn:
+            return compose_with_affine(fields[i : i + 1], shift_origin(torch.tensor(affines[str(z)]), offset))
+        refine = compose_matrices(torch.tensor(affines[str(z)]), invert_matrix(torch.tensor(torn[str(z)])))
+        h = compose_with_affine(padded_fields[i : i + 1], shift_origin(refine, origin))
+        g = compose(h, read_field(open_layer(coarse_fields), VoxelBox(
+            (padded.start[0], padded.start[1], z), (padded.stop[0], padded.stop[1], z + 1)), mip))
+        return g[..., pad:-pad, pad:-pad] if pad else g
+
+    final = torch.cat([final_field(i) for i in range(lo - z0, hi - z0)])
     core = VoxelBox((box.start[0], box.start[1], lo), (box.stop[0], box.stop[1], hi))
     open_layer(output).write(core, final.numpy(), mip)
     detail = {
