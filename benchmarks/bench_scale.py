@@ -291,7 +291,10 @@ def _subprocess(case: list[str], name: str, mode: str) -> dict[str, Any]:
     home.mkdir(parents=True)
     env = dict(os.environ, PREFECT_HOME=str(home), SECTIONFLOW_CHUNK_MODE=mode.replace("dask", "blocks"),
                PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600", OMP_NUM_THREADS="1")  # fmt: skip
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600", OMP_NUM_THREADS="1",
+               # the database the task runs are counted in (flows.runtime keeps a configured one;
+               # otherwise each run gets a fresh temporary database, which this would not see)
+               PREFECT_SERVER_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///" + str(home / "prefect.db"))
     env.pop("PREFECT_API_URL", None)
     print(f"-- {name} ...", flush=True)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", *case], env=env,
