@@ -42,7 +42,7 @@ from emcore.finetune.losses import alignment_loss_terms
 from emcore.models.artifacts import add_artifacts
 from emcore.models.em_data import load_stack, training_sections
 from emcore.models.pyramid_aligner import PyramidAligner
-from emcore.models.training import Source, TrainingLog
+from emcore.models.training import Source, TrainingLog, start_training
 from emcore.pyramid import downsample_mask_torch
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
 
@@ -232,12 +232,7 @@ def train_aligner(
     """
     if log_every % residual_every:
         raise ValueError(f"log_every ({log_every}) must be a multiple of residual_every ({residual_every})")
-    steps = recipe.steps if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    torch.set_num_threads(recipe.threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    steps, gen = start_training(recipe.steps if steps is None else steps, recipe.threads, seed)
     stacks = [load_stack(s.dataset, s.mip, training_sections(s.dataset)) for s in recipe.sources]
     net = PyramidAligner(levels=recipe.levels, channels=recipe.channels, hidden=recipe.hidden)
     ramp_steps = recipe.curriculum_fraction * steps

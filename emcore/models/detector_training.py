@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
 from emcore.models.em_data import HELD_OUT, load_stack, training_sections
 from emcore.models.encoder import EncoderUNet
-from emcore.models.training import Source, TrainingLog
+from emcore.models.training import Source, TrainingLog, start_training
 from emcore.synthetic_defects import DefectSettings, make_defect, random_settings
 
 __all__ = [
@@ -191,12 +191,7 @@ def train_detector(
     Returns:
         The network (eval mode; output = defect logit) and the per-step log (``loss``, ``dice``).
     """
-    steps = recipe.steps if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    torch.set_num_threads(recipe.threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    steps, gen = start_training(recipe.steps if steps is None else steps, recipe.threads, seed)
     start = time.perf_counter()
     pools = [defect_pool(recipe, s, seed=seed + 1 + k) for k, s in enumerate(recipe.sources)]
     prepare = _inputs(recipe)

@@ -23,6 +23,8 @@ API summary
 * ``train_encoder(recipe, *, steps=None, seed=0, log=print) -> (EncoderUNet, TrainingLog)``.
 * ``encode_crops(net, crops, context_padding)``: the training forward pass.
 * ``PairBatch`` / ``sample_pairs(...)``: the batches (also used by the benchmarks' style of cases).
+* ``start_training(steps, threads, seed) -> (steps, generator)``: the seeded start every trainer
+  (encoders, aligner, defect detector) shares.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "TrainingLog",
     "encode_crops",
     "sample_pairs",
+    "start_training",
     "train_encoder",
 ]
 
@@ -244,6 +247,16 @@ def encode_crops(net: EncoderUNet, crops: torch.Tensor, context_padding: bool) -
     return net(F.pad(crops, (pad, pad, pad, pad)))[..., pad:-pad, pad:-pad]
 
 
+def start_training(steps: int, threads: int, seed: int) -> tuple[int, torch.Generator]:
+    """The start every trainer shares: check ``steps``, use ``threads`` CPU threads, seed torch's
+    global generator (initial weights) and return ``(steps, generator)`` for the batches."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return steps, torch.Generator().manual_seed(seed)
+
+
 def train_encoder(
     recipe: EncoderRecipe,
     *,
@@ -257,12 +270,7 @@ def train_encoder(
     Returns:
         The trained network (eval mode) and the per-step log.
     """
-    steps = recipe.steps if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    torch.set_num_threads(recipe.threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    steps, gen = start_training(recipe.steps if steps is None else steps, recipe.threads, seed)
     stacks = [load_stack(s.dataset, s.mip, training_sections(s.dataset)) for s in recipe.sources]
     net = EncoderUNet(channels=recipe.channels, levels=recipe.levels, residual=recipe.residual)
     optimizer = torch.optim.Adam(net.parameters(), lr=recipe.lr)
