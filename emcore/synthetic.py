@@ -96,13 +96,7 @@ def fold_field(
     """
     theta = math.radians(angle_deg)
     nx, ny = math.cos(theta), math.sin(theta)
-    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32) - cy,
-        torch.arange(width, dtype=torch.float32) - cx,
-        indexing="ij",
-    )
-    d = xs * nx + ys * ny - offset_px
+    d = _signed_distance(height, width, nx, ny, offset_px)
     beyond = (d >= 0).to(torch.float32)
     field = torch.stack((-fold_width_px * nx * beyond, -fold_width_px * ny * beyond)).unsqueeze(0)
     mask = ((d >= 0) & (d < fold_width_px)).view(1, 1, height, width)
@@ -149,17 +143,18 @@ def torn_fold_field(
     fold, mask = fold_field(
         height, width, angle_deg=angle_deg, offset_px=offset_px, fold_width_px=fold_width_px
     )
-    beyond = _beyond(height, width, nx, ny, offset_px)
+    beyond = _signed_distance(height, width, nx, ny, offset_px) >= 0
     slide = torch.stack((slide_px * tx * beyond, slide_px * ty * beyond)).unsqueeze(0).to(torch.float32)
     return fold + slide, mask, -fold - slide
 
 
-def _beyond(height: int, width: int, nx: float, ny: float, offset_px: float) -> torch.Tensor:
-    """``(H, W)`` bool: signed distance from the line (normal ``n``, offset from the centre) >= 0."""
+def _signed_distance(height: int, width: int, nx: float, ny: float, offset_px: float) -> torch.Tensor:
+    """``(H, W)`` float32 signed distance (px) of every pixel from the line with normal ``n`` that
+    passes ``offset_px`` from the image centre."""
     cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
     ys, xs = torch.meshgrid(
         torch.arange(height, dtype=torch.float32) - cy,
         torch.arange(width, dtype=torch.float32) - cx,
         indexing="ij",
     )
-    return xs * nx + ys * ny - offset_px >= 0
+    return xs * nx + ys * ny - offset_px

@@ -186,9 +186,14 @@ def normalize_flow(params: AlignParams) -> dict[str, Any]:
     return _summary("normalize", outcomes, blank=blank, sections=sections)
 
 
+def _detection_wanted(params: AlignParams) -> bool:
+    """The detector runs only when asked (``detect_defects="auto"``) and no mask is given."""
+    return params.defects is None and params.detect_defects == "auto"
+
+
 def with_detected_defects(params: AlignParams) -> AlignParams:
     """``params`` with ``defects`` = the detector's mask when it was asked for and has been written."""
-    if params.defects is not None or params.detect_defects != "auto":
+    if not _detection_wanted(params):
         return params
     path = Layout(params.output).detected_defects
     try:
@@ -204,7 +209,7 @@ def detect_flow(params: AlignParams) -> dict[str, Any]:
     when ``detect_defects="auto"`` and no ``defects`` layer is given; later stages use it as the
     defects layer (:func:`with_detected_defects`)."""
     params = absolute_params(params)  # workers may run in another directory
-    if params.defects is not None or params.detect_defects != "auto":
+    if not _detection_wanted(params):
         return {"stage": "detect", "done": 0, "skipped": 0, "defects": params.defects}
     layout = Layout(params.output)
     normalized = _require(layout.normalized, "normalize")
