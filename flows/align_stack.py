@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from flows.layout import Layout
 from flows.lock import output_lock
 from flows.params import AlignParams
-from flows.runtime import ClusterConfig, cluster, stage_task_runner, use_cluster
+from flows.runtime import ClusterConfig, cluster, stage_settings, stage_task_runner, use_cluster
 from flows.stages import (
     coarse_align_flow,
     detect_flow,
@@ -74,7 +74,7 @@ def run_stage(stage_flow: Any, params: Any, dask_address: str) -> dict[str, Any]
     """
     start = time.perf_counter()
     target = getattr(params, "output", None) or params.layer  # DownsampleParams writes into its layer
-    with output_lock(target), use_cluster(dask_address):
+    with output_lock(target), use_cluster(dask_address), stage_settings():
         summary = stage_flow.with_options(task_runner=stage_task_runner(dask_address))(params)
     if isinstance(summary, dict):
         summary["seconds"] = round(time.perf_counter() - start, 2)

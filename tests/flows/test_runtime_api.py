@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from prefect import flow
 
 from flows.runtime import DEFAULT_STARTUP_TIMEOUT_S, run_database_url, startup_timeout
 
@@ -60,3 +63,34 @@ def test_embedded_api_starts_with_its_own_database_and_says_so(tmp_path) -> None
     assert not os.path.exists(os.path.dirname(db))  # the run's database is removed at exit
     assert f"start-up timeout {DEFAULT_STARTUP_TIMEOUT_S} s" in proc.stderr
     assert not (tmp_path / "home" / "prefect.db").exists()
+
+
+# -- stage subflows: no heartbeat thread of their own inside align_stack ---------------------------
+@flow(name="heartbeat_probe")
+def _heartbeat_probe(params: object) -> dict[str, object]:
+    from prefect.settings import get_current_settings
+
+    return {"heartbeat": get_current_settings().flows.heartbeat_frequency, "done": 0, "skipped": 0}
+
+
+@flow(name="heartbeat_parent")
+def _heartbeat_parent(params: object, address: str) -> tuple[object, object]:
+    from prefect.settings import get_current_settings
+
+    from flows.align_stack import run_stage
+
+    own = get_current_settings().flows.heartbeat_frequency
+    return own, run_stage(_heartbeat_probe, params, address)["heartbeat"]
+
+
+def test_stage_subflows_skip_heartbeats_but_top_level_runs_keep_them(
+    tmp_path: Path, dask_address: str
+) -> None:
+    """Prefect joins a flow's heartbeat thread on exit (up to 1 s per subflow); the parent's heartbeat
+    already marks the process alive, so a stage subflow runs without one, a stage run alone keeps it."""
+    from flows.align_stack import run_stage
+
+    params = SimpleNamespace(output=str(tmp_path / "out"))
+    parent_own, stage_inside = _heartbeat_parent(params, dask_address)
+    assert parent_own is not None and stage_inside is None
+    assert run_stage(_heartbeat_probe, params, dask_address)["heartbeat"] == parent_own
