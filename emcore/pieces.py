@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from emcore.quality import as_section
+
 __all__ = ["Pieces", "split_pieces"]
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
@@ -65,15 +67,6 @@ class Pieces:
         return self.labels == label
 
 
-def _as_2d(values: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    if array.ndim == 4 and array.shape[:2] == (1, 1):
-        array = array[0, 0]
-    if array.ndim != 2:
-        raise ValueError(f"{name} must have shape (H, W) or (1, 1, H, W), got {tuple(array.shape)}")
-    return array
-
-
 def split_pieces(
     image: torch.Tensor | np.ndarray,
     defects: torch.Tensor | np.ndarray,
@@ -94,8 +87,8 @@ def split_pieces(
     Returns:
         :class:`Pieces`, labels ordered by decreasing area.
     """
-    img = _as_2d(image, "image")
-    bad = _as_2d(defects, "defects") != 0
+    img = as_section(image, "image")
+    bad = as_section(defects, "defects") != 0
     if bad.shape != img.shape:
         raise ValueError(f"defects {bad.shape} must match image {img.shape}")
     if not 0 <= min_fraction < 1:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["TileCorrelation", "neighbour_correlation", "tile_correlation"]
+__all__ = ["TileCorrelation", "as_section", "neighbour_correlation", "tile_correlation"]
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,14 @@ class TileCorrelation:
     valid_tiles: int
 
 
-def _as_2d(image: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+def as_section(values: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """``values`` as a 2-D ``(H, W)`` numpy array (a tensor is copied to the CPU); ``(1, 1, H, W)``
+    is accepted. Raises ``ValueError`` naming ``name`` for another shape or a non-numeric dtype."""
+    arr = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if arr.ndim == 4 and arr.shape[:2] == (1, 1):
         arr = arr[0, 0]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2D (Y, X) section, got shape {arr.shape}")
+        raise ValueError(f"{name} must have shape (H, W) or (1, 1, H, W), got {tuple(arr.shape)}")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"{name} must be numeric, got {arr.dtype}")
     return arr
@@ -77,13 +79,13 @@ def tile_correlation(
     """
     if tile < 2:
         raise ValueError(f"tile must be >= 2 px, got {tile}")
-    a2, b2 = _as_2d(a, "a"), _as_2d(b, "b")
+    a2, b2 = as_section(a, "a"), as_section(b, "b")
     if a2.shape != b2.shape:
         raise ValueError(f"sections must have the same shape, got {a2.shape} and {b2.shape}")
     keep = (a2 != 0) & (b2 != 0)
     for name, mask in (("mask_a", mask_a), ("mask_b", mask_b)):
         if mask is not None:
-            m = _as_2d(mask, name)
+            m = as_section(mask, name)
             if m.shape != a2.shape:
                 raise ValueError(f"{name} {m.shape} must match the sections {a2.shape}")
             keep &= m == 0
