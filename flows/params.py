@@ -39,7 +39,8 @@ Mip = Annotated[int, Field(ge=0, le=12)]
 DEFAULT_ANCHOR = 1.0
 
 #: The coarse stage reads whole sections at the coarse mip: the largest side it accepts (px).
-#: 4096^2 float32 images and their FFTs stay under ~1 GiB per worker.
+#: A coarse pair of 4096^2 px sections needs about 13 GiB on its worker (measured per px:
+#: emcore/task_memory.py); the run checks that against the workers' limit (flows.plan).
 MAX_COARSE_PX = 4096
 
 

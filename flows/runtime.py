@@ -15,6 +15,9 @@
 * :func:`stage_task_runner` - the Prefect task runner of the stage flows: threads in the flow's
   process (their block tasks only wait for dask futures), or, on the old one-task-per-chunk path
   (``SECTIONFLOW_CHUNK_MODE=tasks``, benchmark comparison only), a ``prefect_dask.DaskTaskRunner``.
+* :func:`worker_memory_limit` - the smallest memory limit of the current cluster's workers (bytes;
+  ``None`` without workers or limits), which :func:`flows.plan.check_task_memory` compares with the
+  largest task before a run.
 * :func:`stage_settings` - the Prefect settings a stage flow runs under: inside a parent flow run
   (``align_stack``) a stage subflow sends no heartbeats of its own. Prefect 3.9 joins a flow's
   heartbeat thread on exit, which waits out the thread's 1 s sleep: measured 1.2 s per subflow with
@@ -74,6 +77,7 @@ __all__ = [
     "task_runner",
     "use_cluster",
     "wait_all",
+    "worker_memory_limit",
 ]
 
 CHUNK_MODE_ENV = "SECTIONFLOW_CHUNK_MODE"
@@ -301,6 +305,15 @@ def stage_task_runner(address: str | None) -> Any:
     if chunk_mode() == "tasks":
         return task_runner(address)
     return ThreadPoolTaskRunner(max_workers=8)
+
+
+def worker_memory_limit() -> int | None:
+    """The smallest ``memory_limit`` of the current cluster's workers in bytes (``None``: no workers
+    yet, e.g. an adaptive cluster at zero, or no limits)."""
+    workers = dask_client().scheduler_info().get("workers", {})
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    limits = [limit for limit in limits if limit > 0]
+    return min(limits) if limits else None
 
 
 @contextlib.contextmanager

@@ -97,3 +97,33 @@ def test_plan_prints_each_stage_in_physical_units_and_chooses_mips(tmp_path, tin
     assert "finetune: mip 1 (9.2 nm/px)" in text, text
     params = AlignParams(source=tiny_stack["misaligned"], output=str(tmp_path / "out"), chunk_xy=64)
     assert (params.coarse_mip, params.finetune_mip) == (1, 1)
+
+
+def test_a_task_too_large_for_the_workers_is_refused_naming_the_setting(tmp_path, tiny_stack):
+    from flows.plan import TaskMemoryError, check_task_memory, task_memory
+
+    params = tiny_params(tmp_path / "out", tiny_stack)
+    need = task_memory(params)
+    assert set(need) == {"coarse_align", "finetune", "solve"} and all(v > 0 for v in need.values())
+    check_task_memory(params, None)  # no limit: nothing to check
+    check_task_memory(params, 64 * 2**30)
+    tight = int((512 * 2**20 + need["coarse_align"] - 1) / 0.8)  # room for every task but the coarse one
+    with pytest.raises(TaskMemoryError, match=r"a coarse_align task needs .* use a coarser coarse_mip"):
+        check_task_memory(params, tight)
+
+
+def test_align_stack_refuses_before_writing_when_workers_are_too_small(tmp_path, tiny_stack, prefect_api):
+    from distributed import LocalCluster
+
+    from flows.align_stack import align_stack
+    from flows.plan import TaskMemoryError
+    from flows.runtime import use_cluster, worker_memory_limit
+
+    out = tmp_path / "out"
+    params = tiny_params(out, tiny_stack)
+    with LocalCluster(n_workers=1, processes=False, memory_limit="600MiB", dashboard_address=None) as small:
+        with use_cluster(small.scheduler_address):
+            assert worker_memory_limit() == 600 * 2**20
+        with pytest.raises(TaskMemoryError, match="give the workers more memory"):
+            align_stack(params, dask_address=small.scheduler_address)
+    assert not out.exists() or not any(p.name != ".sectionflow" for p in out.iterdir())
