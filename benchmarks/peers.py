@@ -22,7 +22,8 @@ holding the ``sofima`` package) or ``/work/.mirror/sofima-pkg``; needs JAX. :fun
 says whether it imports. Pipeline as in SOFIMA's EM alignment example: masked cross-correlation
 flow (patch 64, step 8), ``clean_flow``, then ``relax_mesh`` of an elastic mesh; the mesh's node
 displacements (on the step-8 grid) are interpolated to every pixel (bilinear, edge values beyond
-the outermost nodes).
+the outermost nodes). Optional defect masks go to the masked cross-correlation (``src_mask`` /
+``tgt_mask``, True = ignore); the mesh is continuous, so SOFIMA's field cannot tear along them.
 """
 
 from __future__ import annotations
