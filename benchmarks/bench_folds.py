@@ -1,31 +1,65 @@
-"""Alignment that tears: a fold across the whole section whose far side slid ``d`` px along it.
+"""Alignment that tears: folds and cracks across the whole section, issue 16's benchmark.
 
 Cases (real EM, exact truth): a section ``R`` (centre crop, normalized), the source
-``warp(R', A)`` with ``A`` = :func:`emcore.synthetic.torn_fold_field` (fold line at 30 deg, 10 % of
-the size off centre, band ``size / 64`` px, far side slid ``d`` px along the line) and its defect
-mask, the target ``warp(R, s)`` with a smooth 2 px elastic field ``s``; noise sigma 0.2 on both.
+``warp(R', A)`` with ``A`` = :func:`emcore.synthetic.torn_fold_field` (a straight line at 30 deg,
+10 % of the size off centre; beyond it the tissue moved ``width`` px across the line and ``d`` px
+along it, leaving a band of ``width`` px between the sides: the defect mask, source frame), the
+target ``warp(R, s)`` with a smooth 2 px elastic field ``s``; noise sigma 0.2 on both.
+
+* ``fold d=...``: band ``size / 32`` px (16 px at 512 px), far side slid ``d`` px along the line;
+  the band shows the dark, low-contrast overlay of two tissue layers that
+  :mod:`emcore.synthetic_defects` draws for folds (``0.45 * mean(R'(q), A-moved R'(q)) - 2.25``,
+  tissue std units).
+* ``crack gap=...``: the far side pulled ``gap`` px away across the line (no slide); the gap holds
+  bright resin (2.25 tissue std above the mean, + the noise), as resin-filled cracks in
+  :mod:`emcore.synthetic_defects`. No pixel of the target reads the gap (the truth has no value
+  there).
+
 ``R' = R`` for kind ``smooth``; for ``neighbour`` ``R'`` is the next section (real content
 change, so its residual also holds the registered stack's own small misalignment). The truth is
 ``compose(s, truth_A)`` (``truth_A`` piecewise constant, exact); a pixel's side is that of
 ``p + s(p)``.
 
-Methods (every one gets the source's defect mask where it takes one):
+Methods (the first and the peers get the given mask; ``detected mask`` gets the detector's):
 
 * ``sectionflow pieces + finetune``: :func:`emcore.coarse_pieces.coarse_align_pieces` (rigid),
-  then :func:`emcore.finetune.finetune` from its torn field (``src_defects`` = the fold mask,
-  ``tgt_defects`` = the field's seam and gap, so the springs are cut along the tear);
-* ``sectionflow rigid + finetune``: today's path, one :func:`emcore.coarse_xcorr.coarse_align`
-  rigid fit, then the finetuner from it;
-* ``elastix rigid+grid32`` (:mod:`benchmarks.peers`), when itk-elastix imports.
+  then :func:`emcore.finetune.finetune` on ``warp(src, coarse.field)`` (``src_defects`` =
+  ``coarse.tear_mask(mask)``: the seam, the gap and the warped mask), composed back with
+  ``coarse.compose_residual``;
+* ``sectionflow pieces + finetune, detected mask``: the same, with the mask of the shipped
+  detector (:func:`detected_mask`: the source downsampled to the detector's mip, chosen by
+  :func:`tasks.detect.detection_mip` as the detect stage does, ``detect_defects`` at its default
+  threshold, repeated back to full size pixel by pixel as ``tasks.detect`` writes finer mips);
+* ``sectionflow rigid + finetune``: one :func:`emcore.coarse_xcorr.coarse_align` rigid fit, then
+  the finetuner from it (the path for sections without a split);
+* ``elastix rigid+grid32`` (:mod:`benchmarks.peers`, when itk-elastix imports): no mask input;
+  the masked pixels are zeroed in the source;
+* ``SOFIMA`` (:func:`benchmarks.peers.sofima_field`, when it imports): the mask is passed to its
+  masked cross-correlation as the source's invalid pixels (``post_mask``); its elastic mesh
+  cannot tear.
 
-Residual ``|field - truth|`` px per side (near / far), 16 px border and 4 px either side of the
-fold line excluded, only where the truth reads source data: median / p95, and the worst side's
-median. ``far corr``: median 64 px tile Pearson of the aligned source with the target over the
-far side (:func:`emcore.quality.tile_correlation`). One CPU thread.
+Columns (px at the case's mip):
 
-    .venv/bin/python -m benchmarks.bench_folds --quick   # bundled VNC, 256 px, d = 60
-    .venv/bin/python -m benchmarks.bench_folds           # shared VNC (mip 1) + medulla, d = 20, 60, 150
-    .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150   # a part of it
+* residual ``|field - truth|`` per side (near = kept in place, far = moved): median / p95 over the
+  target pixels whose true source position is more than 16 px from the mask (distance in the
+  source), 16 px border excluded, only where the truth reads source data; ``worst side`` = the
+  larger median / the larger p95 of the two sides;
+* ``corr near / far mask``: median Pearson of the aligned source with the target over tiles of
+  ``size / 16`` px (the correlation window, 32 px at 512 px) within 3 windows of the mask (a tile's
+  closest pixel, distance as above) and over the farther tiles, and their ratio (target >= 0.9);
+* ``Jacobian out %``: :func:`emcore.stack_quality.jacobian_outliers` (det J < 0.5 or > 2) over the
+  pixels outside the mask and the torn seam: those whose true source position is more than 4 px
+  from the mask (the seam, where the truth itself jumps, lies on the mask's edge), where the truth
+  reads source data;
+* ``coarse``: the coarse field's per-side median; ``s``: seconds of the method (one CPU thread).
+
+After the table, ``detected vs given``: per case the detected mask's IoU with the true band (and
+its area in px against the band's) and the ratio of the detected-mask row's worst-side median and
+p95 to the given-mask row's (target <= 1.5).
+
+    .venv/bin/python -m benchmarks.bench_folds --quick   # bundled VNC, 256 px: fold d=60, crack gap=20
+    .venv/bin/python -m benchmarks.bench_folds           # shared VNC (mip 1) + medulla, every case
+    .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150 --gaps ""   # a part of it
 """
 
 from __future__ import annotations
@@ -33,6 +67,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,24 +80,43 @@ from emcore.coarse_pieces import coarse_align_pieces
 from emcore.coarse_xcorr import coarse_align
 from emcore.field import compose, warp, warp_mask
 from emcore.finetune import finetune
+from emcore.models import load_model
+from emcore.models.detect import detect_defects
 from emcore.normalize import normalize, section_stats
+from emcore.pyramid import downsample_image_torch
 from emcore.quality import tile_correlation
+from emcore.stack_quality import jacobian_outliers
 from emcore.synthetic import smooth_field, torn_fold_field
+from tasks.detect import DETECTOR, detection_mip
 
 ANGLE = 30.0
 BORDER = 16
-LINE_MARGIN = 4
+#: Residual: target pixels whose true source position is within this many px of the mask are left out.
+MASK_MARGIN = 16.0
+#: Jacobian: the seam, pixels whose true source position is within this many px of the mask.
+SEAM_MARGIN = 4.0
+#: Correlation: tiles within this many windows of the mask are "near".
+NEAR_WINDOWS = 3
+FOLD_CONTRAST, FOLD_DARKNESS = 0.45, 2.25
+RESIN_LEVEL = 2.25
+KINDS = ("smooth", "neighbour")
 
 
 @dataclass(frozen=True)
 class FoldCase:
+    """One pair and its truth; arrays ``(S, S)`` unless said."""
+
     name: str
-    src: torch.Tensor  # (1, 1, S, S)
-    tgt: torch.Tensor
-    mask: torch.Tensor  # (S, S) bool, source frame
-    truth: torch.Tensor  # (1, 2, S, S)
-    far: np.ndarray  # (S, S) bool, target frame
-    keep: np.ndarray  # (S, S) bool: evaluated pixels
+    src: torch.Tensor  # (1, 1, S, S) normalized source with the defect
+    tgt: torch.Tensor  # (1, 1, S, S)
+    mask: torch.Tensor  # bool, source frame: the band / gap
+    truth: torch.Tensor  # (1, 2, S, S) px
+    far: np.ndarray  # bool, target frame: the moved side
+    dist: np.ndarray  # float, target frame: px from the true source position to the mask
+    keep: np.ndarray  # bool: residual pixels
+    jac: np.ndarray  # bool: Jacobian pixels
+    window: int  # correlation tile, px
+    resolution_nm: float  # of the case's pixels
 
 
 def _normalized(section: np.ndarray) -> torch.Tensor:
@@ -78,17 +132,37 @@ def _noisy(image: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def make_fold_case(
-    name: str, section: np.ndarray, moving: np.ndarray, slide: float, seed: int = 0
+    name: str,
+    section: np.ndarray,
+    moving: np.ndarray,
+    *,
+    defect: str = "fold",
+    slide: float = 0.0,
+    width: float | None = None,
+    resolution_nm: float,
+    seed: int = 0,
 ) -> FoldCase:
-    """One case from two ``(S, S)`` sections (``moving`` = ``section`` for kind ``smooth``)."""
+    """One case from two ``(S, S)`` sections (``moving`` = ``section`` for kind ``smooth``).
+
+    ``defect`` ``"fold"`` (band ``width`` px, default ``S / 32``, far side slid ``slide`` px) or
+    ``"crack"`` (gap ``width`` px across the line, ``slide`` along it).
+    """
+    if defect not in ("fold", "crack"):
+        raise ValueError(f"defect must be 'fold' or 'crack', got {defect!r}")
     size = section.shape[0]
+    width = size / 32 if width is None else float(width)
     offset = 0.1 * size
     applied, mask, truth_a = torn_fold_field(
-        size, size, angle_deg=ANGLE, offset_px=offset, fold_width_px=size / 64, slide_px=slide
+        size, size, angle_deg=ANGLE, offset_px=offset, fold_width_px=width, slide_px=slide
     )
     smooth = smooth_field(size, size, 2.0, seed=seed)
-    reg = _normalized(section)
-    src = _noisy(warp(_normalized(moving), applied), 1000 + seed)
+    reg, mov = _normalized(section), _normalized(moving)
+    moved = warp(mov, applied)
+    if defect == "fold":
+        fill = FOLD_CONTRAST * 0.5 * (mov + moved) - FOLD_DARKNESS
+    else:
+        fill = torch.full_like(moved, RESIN_LEVEL)
+    src = _noisy(torch.where(mask, fill, moved), 1000 + seed)
     tgt = _noisy(warp(reg, smooth), 2000 + seed)
     truth = compose(smooth, truth_a)
     nx, ny = math.cos(math.radians(ANGLE)), math.sin(math.radians(ANGLE))
@@ -96,17 +170,39 @@ def make_fold_case(
     ys, xs = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
     far_reg = torch.from_numpy(xs * nx + ys * ny - offset >= 0)[None, None]
     far = warp_mask(far_reg, smooth)[0, 0].numpy()
-    line = ndimage.binary_dilation(far, iterations=LINE_MARGIN) & ndimage.binary_dilation(
-        ~far, iterations=LINE_MARGIN
-    )
+    to_mask = torch.from_numpy(ndimage.distance_transform_edt(~mask[0, 0].numpy()).astype(np.float32))
+    dist = warp(to_mask[None, None], truth)[0, 0].numpy()
     reads = warp((src != 0).float(), truth)[0, 0].numpy() > 0.999
-    keep = reads & ~line
+    keep = reads & (dist > MASK_MARGIN)
     keep[:BORDER] = keep[-BORDER:] = False
     keep[:, :BORDER] = keep[:, -BORDER:] = False
-    return FoldCase(name, src, tgt, mask[0, 0], truth, far, keep)
+    jac = reads & (dist > SEAM_MARGIN)
+    return FoldCase(name, src, tgt, mask[0, 0], truth, far, dist, keep, jac, max(8, size // 16),
+                    resolution_nm)  # fmt: skip
 
 
-def _side_stats(field: torch.Tensor, case: FoldCase) -> dict[str, tuple[float, float]]:
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One method on one case (px; correlations dimensionless; ``jacobian`` a fraction)."""
+
+    near: tuple[float, float]  # median, p95
+    far: tuple[float, float]
+    corr_near: float
+    corr_far: float
+    jacobian: float
+
+    @property
+    def worst(self) -> tuple[float, float]:
+        return max(self.near[0], self.far[0]), max(self.near[1], self.far[1])
+
+
+def side_stats(field: torch.Tensor, case: FoldCase) -> dict[str, tuple[float, float]]:
+    """``{"near"|"far": (median, p95)}`` of ``|field - truth|`` px over ``case.keep``."""
     err = (field.double() - case.truth.double())[0].norm(dim=0).numpy()
     out = {}
     for side, sel in (("near", ~case.far), ("far", case.far)):
@@ -115,17 +211,86 @@ def _side_stats(field: torch.Tensor, case: FoldCase) -> dict[str, tuple[float, f
     return out
 
 
-def _far_corr(field: torch.Tensor, case: FoldCase) -> float:
+def mask_correlation(field: torch.Tensor, case: FoldCase) -> tuple[float, float]:
+    """Median tile correlation of ``warp(src, field)`` with the target near / far from the mask."""
     aligned = warp(case.src, field)[0, 0].numpy()
-    return tile_correlation(aligned, case.tgt[0, 0].numpy(), mask_a=~case.far).median
+    tiles = tile_correlation(aligned, case.tgt[0, 0].numpy(), tile=case.window).tiles
+    w, (h, width) = case.window, case.dist.shape
+    ty, tx = tiles.shape
+    padded = np.full((ty * w, tx * w), np.inf)
+    padded[:h, :width] = case.dist
+    closest = padded.reshape(ty, w, tx, w).min(axis=(1, 3))
+    near = closest <= NEAR_WINDOWS * w
+    return float(np.nanmedian(tiles[near])), float(np.nanmedian(tiles[~near]))
+
+
+def score(field: torch.Tensor, case: FoldCase) -> Scores:
+    stats = side_stats(field, case)
+    corr_near, corr_far = mask_correlation(field, case)
+    jac = jacobian_outliers(field, torch.from_numpy(case.jac)).outside
+    return Scores(stats["near"], stats["far"], corr_near, corr_far, jac)
+
+
+# ----------------------------------------------------------------------------------------------
+# The detector's mask
+# ----------------------------------------------------------------------------------------------
+
+
+def detected_mask(src: torch.Tensor, resolution_nm: float) -> torch.Tensor:
+    """The shipped detector's mask ``(S, S)`` bool for a normalized ``(1, 1, S, S)`` source.
+
+    The detect stage's recipe: the mip is :func:`tasks.detect.detection_mip` of the source's
+    pyramid (2x per mip, :func:`emcore.pyramid.downsample_image_torch` as the normalized layer's
+    mips are made), :func:`emcore.models.detect.detect_defects` there at its default threshold,
+    and the mask repeated pixel by pixel back to the source's size.
+    """
+    size = src.shape[-2:]
+    mip = detection_mip([resolution_nm * 2**k for k in range(10)], 0)
+    if mip is None:
+        raise ValueError(f"no mip of a {resolution_nm} nm/px source is in the detector's range")
+    image = src
+    for _ in range(mip):
+        image = downsample_image_torch(image)
+    small = detect_defects(image, load_model(DETECTOR))
+    f = 2**mip
+    return small.repeat_interleave(f, 2).repeat_interleave(f, 3)[0, 0, : size[0], : size[1]]
+
+
+_DETECTED: dict[str, torch.Tensor] = {}
+
+
+def _detected(case: FoldCase) -> torch.Tensor:
+    if case.name not in _DETECTED:
+        _DETECTED[case.name] = detected_mask(case.src, case.resolution_nm)
+    return _DETECTED[case.name]
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: case -> (coarse field or None, field, note)
+# ----------------------------------------------------------------------------------------------
+
+Method = Callable[[FoldCase], tuple[torch.Tensor | None, torch.Tensor, str]]
+
+
+def _pieces_with(case: FoldCase, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    coarse = coarse_align_pieces(case.src, case.tgt, mask)
+    moved = warp(case.src, coarse.field)
+    result = finetune(moved, case.tgt, src_defects=coarse.tear_mask(mask), max_motion=8.0)
+    note = f"{coarse.pieces.count} pieces" + (f"; {coarse.reason}" if coarse.reason else "")
+    return coarse.field, coarse.compose_residual(result.field), note
 
 
 def _pieces(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
-    coarse = coarse_align_pieces(case.src, case.tgt, case.mask)
-    moved = warp(case.src, coarse.field)
-    result = finetune(moved, case.tgt, src_defects=coarse.tear_mask(case.mask), max_motion=8.0)
-    note = "; ".join(f"piece {t.label}: {'own' if not t.fallback else 'whole'}" for t in coarse.transforms)
-    return coarse.field, coarse.compose_residual(result.field), note
+    return _pieces_with(case, case.mask)
+
+
+def _pieces_detected(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
+    return _pieces_with(case, _detected(case))
 
 
 def _rigid(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -134,7 +299,7 @@ def _rigid(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
     return coarse.field, result.field, coarse.reason
 
 
-def _elastix(case: FoldCase) -> tuple[torch.Tensor | None, torch.Tensor, str]:
+def _elastix(case: FoldCase) -> tuple[None, torch.Tensor, str]:
     from benchmarks.peers import elastix_field
 
     src = case.src[0, 0].numpy().copy()
@@ -142,73 +307,139 @@ def _elastix(case: FoldCase) -> tuple[torch.Tensor | None, torch.Tensor, str]:
     return None, elastix_field(src, case.tgt[0, 0].numpy(), parameter_map="rigid+grid32"), "mask zeroed"
 
 
-def _methods() -> dict:
-    methods = {"sectionflow pieces + finetune": _pieces, "sectionflow rigid + finetune": _rigid}
+def _sofima(case: FoldCase) -> tuple[None, torch.Tensor, str]:
+    from benchmarks.peers import sofima_field
+
+    field = sofima_field(case.src[0, 0].numpy(), case.tgt[0, 0].numpy(), src_mask=case.mask.numpy())
+    return None, field, "mask as post_mask"
+
+
+GIVEN = "sectionflow pieces + finetune"
+DETECTED = "sectionflow pieces + finetune, detected mask"
+SOFIMA = "SOFIMA (patch 64, step 8)"
+
+
+def methods() -> dict[str, Method]:
+    """The methods by name (the peers only when they import)."""
+    from benchmarks.peers import sofima_available
+
+    out: dict[str, Method] = {GIVEN: _pieces, DETECTED: _pieces_detected}
+    out["sectionflow rigid + finetune"] = _rigid
     try:
         import itk  # noqa: F401
 
-        methods["elastix rigid+grid32"] = _elastix
+        out["elastix rigid+grid32"] = _elastix
     except ImportError:
         print("itk-elastix not importable: elastix skipped")
-    return methods
+    if sofima_available():
+        out[SOFIMA] = _sofima
+    else:
+        print("sofima not importable (see benchmarks/peers.py): SOFIMA skipped")
+    return out
 
 
-def _cases(quick: bool, slides: list[float], datasets: list[str]) -> list[FoldCase]:
-    cases = []
+# ----------------------------------------------------------------------------------------------
+# Cases and the run
+# ----------------------------------------------------------------------------------------------
+
+
+def _cases(
+    quick: bool, slides: list[float], gaps: list[float], datasets: list[str], kinds: list[str]
+) -> list[FoldCase]:
     if quick:
         stack = load_sections("bundled", [3, 4], 1024)
         small = F.avg_pool2d(torch.from_numpy(stack).float()[:, None], 4)[:, 0].numpy()
-        sets = [("bundled vnc z3 mip2", small)]
+        sets = [("bundled vnc z3 mip2", small, 18.4)]
     else:
         sets = []
         if "vnc" in datasets:
             vnc = torch.from_numpy(load_sections("vnc", [4, 5], 1024)).float()[:, None]
-            sets.append(("vnc z4 mip1", F.avg_pool2d(vnc, 2)[:, 0].numpy()))
+            sets.append(("vnc z4 mip1", F.avg_pool2d(vnc, 2)[:, 0].numpy(), 9.2))
         if "medulla" in datasets:
-            sets.append(("medulla z4 mip0", load_sections("medulla", [4, 5], 512).astype(np.float32)))
-    for label, stack in sets:
-        for slide in slides:
-            for kind, moving in (("smooth", stack[0]), ("neighbour", stack[1])):
-                cases.append(make_fold_case(f"{label} d={slide:g} {kind}", stack[0], moving, slide))
+            sets.append(("medulla z4 mip0", load_sections("medulla", [4, 5], 512).astype(np.float32), 10.0))
+    defects = [("fold", f"fold d={d:g}", d, None) for d in slides]
+    defects += [("crack", f"crack gap={g:g}", 0.0, g) for g in gaps]
+    cases = []
+    for label, stack, res in sets:
+        for defect, text, slide, width in defects:
+            for kind in kinds:
+                moving = stack[0] if kind == "smooth" else stack[1]
+                cases.append(make_fold_case(f"{label} {text} {kind}", stack[0], moving, defect=defect,
+                                            slide=slide, width=width, resolution_nm=res))  # fmt: skip
     return cases
+
+
+def _floats(text: str) -> list[float]:
+    return [float(s) for s in text.split(",") if s.strip()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="bundled VNC at 256 px, d = 60 only")
-    parser.add_argument("--slides", default=None, help="comma-separated slides d in px (default 20,60,150)")
+    parser.add_argument("--quick", action="store_true", help="bundled VNC at 256 px: fold d=60, crack gap=20")
+    parser.add_argument("--slides", default=None, help="comma-separated fold slides d px (default 20,60,150)")
+    parser.add_argument("--gaps", default=None, help="comma-separated crack gaps px (default 10,40)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated smooth, neighbour")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
     parser.add_argument("--datasets", default="vnc,medulla", help="full mode: comma-separated vnc, medulla")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    slides = [float(s) for s in (args.slides or ("60" if args.quick else "20,60,150")).split(",")]
-    methods = _methods()
+    slides = _floats(args.slides if args.slides is not None else ("60" if args.quick else "20,60,150"))
+    gaps = _floats(args.gaps if args.gaps is not None else ("20" if args.quick else "10,40"))
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        parser.error(f"--kinds: unknown {bad}; expected some of {KINDS}")
+    table = methods()
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
-        methods = {k: v for k, v in methods.items() if k in wanted}
-    columns = ["case", "method", "coarse near / far median px", "near median / p95", "far median / p95",
-               "worst side", "far corr", "s"]  # fmt: skip
+        unknown = [m for m in wanted if m not in table]
+        if unknown:
+            parser.error(f"--methods: unknown or unavailable {unknown}; available: {list(table)}")
+        table = {k: v for k, v in table.items() if k in wanted}
+    columns = ["case", "method", "coarse near / far median", "near median / p95", "far median / p95",
+               "worst side median / p95", "corr near / far mask (ratio)", "Jacobian out %", "s"]  # fmt: skip
     print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * 8)
-    for case in _cases(args.quick, slides, args.datasets.split(",")):
-        for name, method in methods.items():
+    print("|" + "---|" * len(columns))
+    summary = []
+    for case in _cases(args.quick, slides, gaps, args.datasets.split(","), kinds):
+        rows: dict[str, Scores] = {}
+        for name, method in table.items():
             start = time.perf_counter()
             coarse, field, _ = method(case)
             seconds = time.perf_counter() - start
-            stats = _side_stats(field, case)
+            s = rows[name] = score(field, case)
             coarse_text = "-"
             if coarse is not None:
-                c = _side_stats(coarse, case)
+                c = side_stats(coarse, case)
                 coarse_text = f"{c['near'][0]:.2f} / {c['far'][0]:.2f}"
-            worst = max(stats["near"][0], stats["far"][0])
-            near, far = stats["near"], stats["far"]
+            ratio = s.corr_near / s.corr_far if s.corr_far > 0 else float("nan")
             print(
-                f"| {case.name} | {name} | {coarse_text} | {near[0]:.2f} / {near[1]:.2f} | "
-                f"{far[0]:.2f} / {far[1]:.2f} | {worst:.2f} | {_far_corr(field, case):.3f} | {seconds:.1f} |",
+                f"| {case.name} | {name} | {coarse_text} | {s.near[0]:.2f} / {s.near[1]:.2f} | "
+                f"{s.far[0]:.2f} / {s.far[1]:.2f} | {s.worst[0]:.2f} / {s.worst[1]:.2f} | "
+                f"{s.corr_near:.3f} / {s.corr_far:.3f} ({ratio:.2f}) | {100 * s.jacobian:.2f} | "
+                f"{seconds:.1f} |",
                 flush=True,
             )
+        if DETECTED in rows:
+            det = _detected(case)
+            summary.append((case.name, iou(det, case.mask), int(det.sum()), int(case.mask.sum()),
+                            rows.get(GIVEN), rows[DETECTED]))  # fmt: skip
+    if summary:
+        print("\ndetected vs given mask (ratio = detected / given worst side)\n")
+        print("| case | IoU with the band | detected / band px | worst median given -> detected (x) "
+              "| worst p95 given -> detected (x) |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for name, overlap, marked, band, given, detected in summary:
+            cells = []
+            for i in (0, 1):
+                if given is None:
+                    cells.append(f"- -> {detected.worst[i]:.2f}")
+                else:
+                    x = detected.worst[i] / given.worst[i] if given.worst[i] > 0 else float("nan")
+                    cells.append(f"{given.worst[i]:.2f} -> {detected.worst[i]:.2f} ({x:.2f})")
+            print(f"| {name} | {overlap:.3f} | {marked} / {band} | {cells[0]} | {cells[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ holding the ``sofima`` package) or ``/work/.mirror/sofima-pkg``; needs JAX. :fun
 says whether it imports. Pipeline as in SOFIMA's EM alignment example: masked cross-correlation
 flow (patch 64, step 8), ``clean_flow``, then ``relax_mesh`` of an elastic mesh; the mesh's node
 displacements (on the step-8 grid) are interpolated to every pixel (bilinear, edge values beyond
-the outermost nodes).
+the outermost nodes). Optional defect masks go to the masked cross-correlation (``src_mask`` /
+``tgt_mask``, True = ignore); the mesh is continuous, so SOFIMA's field cannot tear along them.
 """
 
 from __future__ import annotations
@@ -108,13 +109,31 @@ def sofima_available() -> bool:
     return True
 
 
-def sofima_field(src: np.ndarray, tgt: np.ndarray, *, patch: int = 64, step: int = 8) -> torch.Tensor:
-    """Align ``src`` onto ``tgt`` with SOFIMA flow + mesh; our ``(1, 2, S, S)`` field."""
+def sofima_field(
+    src: np.ndarray,
+    tgt: np.ndarray,
+    *,
+    patch: int = 64,
+    step: int = 8,
+    src_mask: np.ndarray | None = None,
+    tgt_mask: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Align ``src`` onto ``tgt`` with SOFIMA flow + mesh; our ``(1, 2, S, S)`` field.
+
+    ``src_mask`` / ``tgt_mask``: optional ``(S, S)`` bool, True = pixels to ignore (e.g. a fold
+    band), handed to SOFIMA's masked cross-correlation (``post_mask`` / ``pre_mask``; a patch more
+    than 75 % masked gets no flow). The elastic mesh itself is continuous: it cannot tear.
+    """
     from sofima import flow_field, flow_utils, mesh
 
     size_y, size_x = tgt.shape
     calculator = flow_field.JAXMaskedXCorrWithStatsCalculator()
-    flow = calculator.flow_field(tgt, src, (patch, patch), (step, step), batch_size=256)
+    masks = {}
+    if src_mask is not None:
+        masks["post_mask"] = np.asarray(src_mask, dtype=bool)
+    if tgt_mask is not None:
+        masks["pre_mask"] = np.asarray(tgt_mask, dtype=bool)
+    flow = calculator.flow_field(tgt, src, (patch, patch), (step, step), batch_size=256, **masks)
     flow = flow_utils.clean_flow(
         flow[:, np.newaxis], min_peak_ratio=1.6, min_peak_sharpness=1.6, max_magnitude=80, max_deviation=10
     )
