@@ -9,7 +9,7 @@ call: ``sm`` 200, ``max_motion`` 16, 30 iterations per level) on 192^2 / 384^2 /
 The estimate must not be below the measurement (ratio >= 1): the run's memory check
 (:func:`flows.plan.check_task_memory`) relies on it.
 
-    .venv/bin/python -m benchmarks.bench_memory
+    .venv/bin/python -m benchmarks.bench_memory    # (``--quick`` is accepted: the run is short already)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _estimate(kind: str, a: int, b: int) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--case":
+    if len(sys.argv) == 5 and sys.argv[1] == "--case":  # one case, in its own process
         kind, a, b = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         print(json.dumps({"bytes": _measure(kind, a, b)}))
         return 0

@@ -1,6 +1,7 @@
 """Run the benchmarks: loss kernels (bench_kernels), finetuner vs peers (bench_finetune), stacks vs
 chained elastix (bench_stack), the orchestration at scale (bench_scale: blocks of dask futures vs
-one Prefect task per chunk) and alignment across folds and cracks that tear (bench_folds).
+one Prefect task per chunk), alignment across folds and cracks that tear (bench_folds) and the
+memory of one chunk task per stage against the run's estimates (bench_memory).
 
     .venv/bin/python -m benchmarks.run_all --quick   # short runs (`make bench`): bundled data, and
                                                      # 3 sections per shared stack (bench_stack)
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_stack", "bench_scale", "bench_folds")
+BENCHMARKS = ("bench_kernels", "bench_finetune", "bench_stack", "bench_scale", "bench_folds", "bench_memory")
 
 
 def main() -> int:
