@@ -10,9 +10,10 @@ tissue marked on the same sections without a defect.
 
 Real (``--real``, the default; ``--no-real`` skips it): every section of both shared stacks
 (medulla 64, VNC 20; none has a fold or crack, so every marked pixel is a false positive) run as
-``align-stack`` runs the detector: imported as ``benchmarks.bench_stack`` does (``full``
-resolution), the real ``normalize`` stage flow (Prefect's temporary API, a dask ``LocalCluster``
-of 2 single-threaded workers, default parameters), then the detect stage's input, the normalized
+``align-stack`` runs the detector: imported as ``benchmarks.bench_stack`` does
+(``--resolution``: ``full``, the files as they are, or ``half``, 2x downsampled first), the real
+``normalize`` stage flow (Prefect's temporary API, a dask ``LocalCluster`` of 2 single-threaded
+workers, default parameters), then the detect stage's input, the normalized
 layer at ``tasks.detect.detection_mip``, through ``emcore.models.detect.detect_defects`` per
 whole section (each section fits one detect chunk at the default ``chunk_xy``, so this is the
 stage's result). Printed per stack: the marked fraction of tissue, max / median over sections,
@@ -22,7 +23,8 @@ Both with the network's mask alone and with the length rule the pipeline uses (c
 than ``emcore.models.detect.MIN_DEFECT_LENGTH_NM`` dropped). Targets: IoU >= 0.7, false-positive
 area <= 0.1 % on clean sections.
 
-    .venv/bin/python -m benchmarks.bench_defect_detector [--seed S] [--defects N] [--threshold T] [--no-real]
+    .venv/bin/python -m benchmarks.bench_defect_detector [--seed S] [--defects N] [--threshold T]
+        [--no-real] [--resolution full|half]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ REAL_STACKS = (("medulla", 64), ("vnc", 20))
 
 
 def real_clean_fractions(
-    model: object, work: Path, threshold: float, rules: dict[str, float | None]
+    model: object, work: Path, threshold: float, rules: dict[str, float | None], resolution: str = "full"
 ) -> dict[str, dict[str, object]]:
     """Per stack: detection mip / nm and, per rule, the marked tissue fraction of every section."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -68,8 +70,9 @@ def real_clean_fractions(
         os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
             for stack, count in REAL_STACKS:
-                registered = import_registered(stack, "full", count, work)
-                params = AlignParams(source=registered.path, output="file://" + str(work / f"{stack}-detect"))
+                registered = import_registered(stack, resolution, count, work)
+                output = "file://" + str(work / f"{stack}-{resolution}-detect")
+                params = AlignParams(source=registered.path, output=output)
                 run_stage(normalize_flow, params, c.scheduler_address)
                 normalized = open_layer(Layout(params.output).normalized)
                 resolutions = [normalized.resolution(m)[0] for m in range(normalized.num_mips)]
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="defect_detector", help="shipped name or config path")
     parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
                         help="also the clean real sections of both shared stacks (3-4 min here)")  # fmt: skip
+    parser.add_argument("--resolution", choices=("full", "half"), default="full", help="of the real stacks")
     parser.add_argument("--work", default=None, help="folder for the imported stacks (default: temporary)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -126,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_detector_") as tmp:
-        real = real_clean_fractions(model, Path(args.work or tmp), args.threshold, rules)
+        real = real_clean_fractions(model, Path(args.work or tmp), args.threshold, rules, args.resolution)
     print(
-        f"\n# clean real sections, run as align-stack's detect stage ({time.perf_counter() - start:.0f} s): "
-        "marked % of tissue (no section has a defect)"
+        f"\n# clean real sections ({args.resolution} resolution), run as align-stack's detect stage "
+        f"({time.perf_counter() - start:.0f} s): marked % of tissue (no section has a defect)"
     )
     print(f"{'stack':8} {'mip':>3} {'nm/px':>6} {'sections':>8} {'rule':22} {'max %':>7} {'median %':>8}  "
           "above 0.1 % (z (%))")  # fmt: skip
