@@ -62,6 +62,7 @@ def real_clean_fractions(
     from flows.align_stack import run_stage
     from flows.layout import Layout
     from flows.params import AlignParams
+    from flows.runtime import _forget_client
     from flows.stages import normalize_flow
     from tasks.detect import detection_mip
 
@@ -87,6 +88,7 @@ def real_clean_fractions(
                     marked = detect_defects(image, model, threshold=threshold, min_length=rule)
                     row[name] = (marked.flatten(1).sum(1) / tissue).numpy()
                 out[stack] = row
+            _forget_client(c.scheduler_address)  # close the stages' cached client before the cluster
     return out
 
 
