@@ -14,13 +14,14 @@ Output: ``(N, 1, H, W)`` bool, True on fold bands and resin-filled cracks. No-da
 never marked: an empty crack gap is no data already, which every consumer treats as "nothing
 here".
 
-Length rule (``min_length_px``, the pipeline's default :data:`MIN_DEFECT_LENGTH_NM` = 1.6 um):
-a fold or crack is a long band, so a marked connected component (8-connected) whose length, its
-largest extent (max Feret diameter, between pixel centres, + 1 px), is under ``min_length_px`` is
-dropped. On the real shared stacks every component the network marks on clean sections is a dark,
-smooth, thick cell profile of at most 33 px (1.3 um) at 40 nm/px; on held-out synthetic sections
-no whole defect is that short (the shortest found is 46 px; only pieces of bands broken up by
-strong artifacts are). A real fold shorter than 1.6 um is not reported (see the weights README).
+Length rule (``min_length`` px of :func:`detect_defects`; the pipeline passes
+``min_length_px(nm_per_px)``, i.e. :data:`MIN_DEFECT_LENGTH_NM` = 1.6 um): a fold or crack is a
+long band, so a marked connected component (8-connected) whose length, its largest extent (max
+Feret diameter between pixel centres, + 1 px), is under ``min_length`` px is dropped. On the real
+shared stacks every component the network marks on clean sections is a dark, smooth, thick cell
+profile of at most 33 px (1.3 um) at 40 nm/px; on held-out synthetic sections no whole defect is
+that short (the shortest found is 46 px; only pieces of bands broken up by strong artifacts are).
+A real fold shorter than 1.6 um is not reported (see the weights README).
 """
 
 from __future__ import annotations
