@@ -55,10 +55,11 @@ class AlignParams(BaseModel):
         None, description="optional defect mask layer (nonzero = fold/crack), source frame"
     )
     detect_defects: Literal["auto", "none"] = Field(
-        "none",
-        description='without a defects layer: "auto" runs the shipped fold/crack detector on the '
-        "normalized sections (30-50 nm/px) and uses its mask, written to <out>/masks/detected, as the "
-        'defects layer; "none" aligns without a mask',
+        "auto",
+        description='without a defects layer: "auto" (default) runs the shipped fold/crack detector on '
+        "the normalized sections (at the first mip of 30-50 nm/px at or above finetune_mip; none: "
+        "skipped with a warning) and uses its mask, written to <out>/masks/detected, as the defects "
+        'layer; "none" aligns without a mask',
     )
     true_fields: str | None = Field(
         None,

@@ -1,8 +1,11 @@
 """Detect stage task: fold / crack masks from the normalized sections, by the shipped detector.
 
 :func:`detect_chunk_task` reads one chunk of ``<out>/normalized`` at the detection mip with
-``pad`` px of context, runs :func:`emcore.models.detect.detect_defects` (the shipped
-``defect_detector``, trained on normalized sections at 30-50 nm/px), crops the context and writes
+``pad`` px of context (at least the length rule's ``min_length`` px, so that a band crossing the
+chunk is measured over at least that length), runs :func:`emcore.models.detect.detect_defects`
+(the shipped ``defect_detector``, trained on normalized sections at 30-50 nm/px, with the length
+rule: marked components shorter than :data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM` are
+dropped), crops the context and writes
 the mask (uint8, 1 = defect) into ``<out>/masks/detected`` at that mip and, repeated pixel by
 pixel, at every finer mip down to 0 (the defects layer has the source's geometry, and stages read
 it at their own mips); the coarser mips are max-downsampled by the stage. Only what the detector
@@ -14,6 +17,7 @@ lies in the detector's trained range (``resolution_nm`` of its config), or ``Non
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -22,7 +26,7 @@ import torch
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.models import Model, load_model
-from emcore.models.detect import DEFAULT_THRESHOLD, detect_defects
+from emcore.models.detect import DEFAULT_THRESHOLD, MIN_DEFECT_LENGTH_NM, detect_defects, min_length_px
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
@@ -48,19 +52,31 @@ def detection_mip(resolutions_nm: list[float], first_mip: int) -> int | None:
 
 
 def detect_chunk_task(
-    normalized: str, output: str, box: VoxelBox, mip: int, *, pad: int, threshold: float = DEFAULT_THRESHOLD
+    normalized: str,
+    output: str,
+    box: VoxelBox,
+    mip: int,
+    *,
+    pad: int,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_length_nm: float = MIN_DEFECT_LENGTH_NM,
 ) -> ChunkOutcome:
     """Detect defects on ``box`` (one section, voxels at ``mip``) and write the mask at ``mip`` .. 0.
 
-    The outcome's detail holds ``z`` and ``marked`` (defect pixels at ``mip``).
+    ``min_length_nm``: the length rule (0 = none). The outcome's detail holds ``z`` and ``marked``
+    (defect pixels at ``mip``).
     """
     marker = ChunkMarker(output, "detect", f"{box}@{mip}", (normalized,),
-                         {"mip": mip, "pad": pad, "threshold": threshold, "model": DETECTOR})
+                         {"mip": mip, "pad": pad, "threshold": threshold, "model": DETECTOR,
+                          "min_length_nm": min_length_nm})  # fmt: skip
     previous = marker.read_extra()
     if previous is not None:
         return ChunkOutcome("detect", str(box), "skipped", previous)
-    image = read_tensor(open_layer(normalized), box, mip, pad=pad)  # (1, 1, Y + 2 pad, X + 2 pad)
-    mask = detect_defects(image, _detector(), threshold=threshold)
+    layer = open_layer(normalized)
+    min_length = min_length_px(layer.resolution(mip)[0], min_length_nm) if min_length_nm > 0 else None
+    pad = max(pad, math.ceil(min_length or 0))
+    image = read_tensor(layer, box, mip, pad=pad)  # (1, 1, Y + 2 pad, X + 2 pad)
+    mask = detect_defects(image, _detector(), threshold=threshold, min_length=min_length)
     if pad:
         mask = mask[..., pad:-pad, pad:-pad]
     out = open_layer(output)

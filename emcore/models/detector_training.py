@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
-from emcore.models.em_data import HELD_OUT, load_stack, training_sections
+from emcore.models.em_data import DATASETS, HELD_OUT, load_stack, training_sections
 from emcore.models.encoder import EncoderUNet
 from emcore.models.training import Source, TrainingLog, start_training
 from emcore.synthetic_defects import DefectSettings, make_defect, random_settings
@@ -235,8 +235,14 @@ def evaluate_detector(
     seed: int = 1000,
     threshold: float = 0.5,
     defects_per_section: int = 4,
+    min_length_nm: float | None = None,
 ) -> dict[str, float]:
     """Pixel metrics of ``model`` on the held-out sections (:data:`emcore.models.em_data.HELD_OUT`).
+
+    ``min_length_nm``: the length rule of :func:`emcore.models.detect.detect_defects` (components
+    shorter than this are dropped; the pipeline uses
+    :data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM`), converted to px at each source's
+    resolution; ``None`` = the network's mask alone.
 
     Synthetic defects (the recipe's, ``defects_per_section`` per held-out section, seeded by
     ``seed``), on whole sections, without and with artifacts; targets as in training. Returns
@@ -245,7 +251,7 @@ def evaluate_detector(
     on the clean held-out sections (no defect), without / with artifacts. Keys with
     ``_artifacts`` are the same with artifacts added.
     """
-    from emcore.models.detect import detect_defects
+    from emcore.models.detect import detect_defects, min_length_px
 
     gen = torch.Generator().manual_seed(seed + 7)
     prepare = _inputs(recipe)
@@ -255,6 +261,8 @@ def evaluate_detector(
         per_case = []
         clean_marked = clean_tissue = 0
         for k, source in enumerate(recipe.sources):
+            nm = DATASETS[source.dataset].base_nm * 2**source.mip
+            rule = None if min_length_nm is None else min_length_px(nm, min_length_nm)
             pool = defect_pool(
                 replace(recipe, defects_per_section=defects_per_section),
                 source,
@@ -266,14 +274,15 @@ def evaluate_detector(
                 images = add_artifacts(images, gen, settings)
                 targets = targets & (images != 0)
                 clean = add_artifacts(clean, gen, settings)
-            marked = detect_defects(prepare(images), model, threshold=threshold)
+            marked = detect_defects(prepare(images), model, threshold=threshold, min_length=rule)
             tp += int((marked & targets).sum())
             fp += int((marked & ~targets).sum())
             fn += int((~marked & targets).sum())
             inter = (marked & targets).flatten(1).sum(1).float()
             union = (marked | targets).flatten(1).sum(1).float()
             per_case.append(inter[union > 0] / union[union > 0])
-            clean_marked += int(detect_defects(prepare(clean), model, threshold=threshold).sum())
+            clean_mask = detect_defects(prepare(clean), model, threshold=threshold, min_length=rule)
+            clean_marked += int(clean_mask.sum())
             clean_tissue += int((clean != 0).sum())
         out["precision" + suffix] = tp / max(tp + fp, 1)
         out["recall" + suffix] = tp / max(tp + fn, 1)
