@@ -1,9 +1,13 @@
-"""Scale benchmark: ``align_stack`` on growing stacks, new design (blocks of dask futures) vs old
-(one Prefect task per chunk), in the same run.
+"""Scale benchmark: ``align_stack`` on growing stacks (blocks of dask futures), and the orchestration
+alone on no-op chunks beside plain dask.
+
+The design before this one (one Prefect task per chunk) ran beside it in this benchmark until both
+were recorded (benchmarks/README.md, "Orchestration at scale", up to commit 4c313a8); it has been
+removed since. To measure it again, check out 4c313a8 and run ``--modes blocks,tasks``.
 
     python -m benchmarks.bench_scale --quick            # 512^2 and 1024^2 px x 2 sections (`make bench`)
     python -m benchmarks.bench_scale                    # 1k^2, 2k^2, 4k^2 px x 8, 32, 128 sections
-    python -m benchmarks.bench_scale --sizes 1024 --sections 8 --modes blocks
+    python -m benchmarks.bench_scale --sizes 1024 --sections 8
 
 Stacks are built from the bundled real VNC sections (``data/vnc_stack1``, 1024^2 px, 4.6 nm):
 section ``z`` is bundled section ``z % 10``, mirrored (``numpy.pad(mode="symmetric")``) or cropped
@@ -12,7 +16,7 @@ chunks with 5 mips under ``benchmarks/results/scale/`` (built once, reused). Par
 (coarse mip 3, finetune mip 2, 128 px chunks + 32 px context, 2 neighbours, render at mip 0) with
 ``--num-iter`` finetune iterations (default 20: this measures orchestration, not the finetuner).
 
-Each (stack, mode) runs in its own process with its own Prefect database (``PREFECT_HOME`` under
+Each stack runs in its own process with its own Prefect database (``PREFECT_HOME`` under
 the results folder, the embedded temporary API) and one LocalCluster (2 workers x 1 thread), and
 runs ``align_stack`` twice on it: the first run, then a rerun where every chunk is skipped. Reported:
 
@@ -201,12 +205,12 @@ def run_overhead(n: int, mode: str) -> dict[str, Any]:
                     pass
                 seconds = time.perf_counter() - start
         else:
-            noop_flow.with_options(task_runner=stage_task_runner(address))(min(n, 20))  # warm the workers
-            seconds = noop_flow.with_options(task_runner=stage_task_runner(address))(n)
+            noop_flow.with_options(task_runner=stage_task_runner())(min(n, 20))  # warm the workers
+            seconds = noop_flow.with_options(task_runner=stage_task_runner())(n)
     return {"mode": mode, "noop_chunks": n, "seconds": seconds, "ms_per_chunk": 1e3 * seconds / n}
 
 
-NAMES = {"dask": "plain client.map (floor)", "blocks": "blocks (new)", "tasks": "task per chunk (old)"}
+NAMES = {"dask": "plain client.map (floor)", "blocks": "blocks"}
 
 
 def noop_table(rows: list[dict[str, Any]]) -> str:
@@ -247,7 +251,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small: see QUICK")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--sections", type=lambda s: [int(v) for v in s.split(",")])
-    parser.add_argument("--modes", default="blocks,tasks", help="blocks (new), tasks (old), comma separated")
     parser.add_argument("--num-iter", type=int, default=20)
     parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000)")
     parser.add_argument("--case", nargs=3, metavar=("SIZE", "SECTIONS", "MODE"), help=argparse.SUPPRESS)
@@ -263,12 +266,12 @@ def main() -> int:
     base = QUICK if args.quick else FULL
     sizes, sections = args.sizes or base["sizes"], args.sections or base["sections"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    modes = args.modes.split(",")
+    modes = ["blocks"]
     noop = args.noop_chunks or base["noop"]
     # fixed cost + per-chunk cost: the fast designs also at 10x the chunks (the slope is the per-chunk cost)
     overhead = [_subprocess(["--overhead-case", str(count), mode], f"noop{count}_{mode}", mode)
                 for mode in ["dask", *modes]
-                for count in ([noop] if mode == "tasks" else [noop, 10 * noop])]  # fmt: skip
+                for count in [noop, 10 * noop]]  # fmt: skip
     rows = [
         _subprocess(["--case", str(size), str(n), mode, "--num-iter", str(args.num_iter)],
                     f"{size}x{n}_{mode}", mode)
@@ -289,7 +292,7 @@ def _subprocess(case: list[str], name: str, mode: str) -> dict[str, Any]:
     home = RESULTS / f"prefect_{name}"
     subprocess.run(["rm", "-rf", str(home)], check=True)
     home.mkdir(parents=True)
-    env = dict(os.environ, PREFECT_HOME=str(home), SECTIONFLOW_CHUNK_MODE=mode.replace("dask", "blocks"),
+    env = dict(os.environ, PREFECT_HOME=str(home),
                PREFECT_LOGGING_LEVEL="WARNING", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600", OMP_NUM_THREADS="1",
                # the database the task runs are counted in (flows.runtime keeps a configured one;

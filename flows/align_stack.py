@@ -83,7 +83,7 @@ def run_stage(stage_flow: Any, params: Any, dask_address: str) -> dict[str, Any]
     start = time.perf_counter()
     target = getattr(params, "output", None) or params.layer  # DownsampleParams writes into its layer
     with output_lock(target), use_cluster(dask_address), stage_settings():
-        summary = stage_flow.with_options(task_runner=stage_task_runner(dask_address))(params)
+        summary = stage_flow.with_options(task_runner=stage_task_runner())(params)
     if isinstance(summary, dict):
         summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary

@@ -28,9 +28,9 @@ Paths: every ``file://`` path in the kwargs is made absolute (:func:`absolute_pa
 sent, so workers with another working directory read the same data; :func:`absolute_params` does the
 same for the layer paths of a parameter model (plain relative paths too).
 
-The old design, one Prefect task per chunk on a ``DaskTaskRunner``, stays reachable with
-``SECTIONFLOW_CHUNK_MODE=tasks`` (:data:`flows.runtime.CHUNK_MODE_ENV`) for the benchmark comparison
-only (``benchmarks/bench_scale.py``).
+The design before this one, one Prefect task per chunk on a ``DaskTaskRunner``, was kept behind a
+flag until ``benchmarks/bench_scale.py`` had recorded both side by side (benchmarks/README.md,
+"Orchestration at scale", up to commit 4c313a8), then removed.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 
 from emcore.errors import SectionflowError
-from flows.runtime import chunk_mode, dask_client, wait_all
+from flows.runtime import dask_client
 from tasks.markers import ChunkOutcome
-from tasks.retry import CHUNK_TASK_OPTIONS, call_with_retries
+from tasks.retry import call_with_retries
 
 __all__ = [
     "BLOCKS_IN_FLIGHT",
@@ -309,12 +309,6 @@ def block_chunks() -> int:
     return value
 
 
-@functools.cache
-def _chunk_task(fn: Callable[..., Any]) -> Any:
-    """Old path: ``fn`` as a Prefect task with the chunk-task retry policy."""
-    return task(fn, name=fn.__name__.removesuffix("_task").replace("_", "-"), **CHUNK_TASK_OPTIONS)
-
-
 def run_chunks(
     fn: Callable[..., Any],
     kwargs_list: Sequence[Mapping[str, Any]],
@@ -335,8 +329,6 @@ def run_chunks(
         retries) stops the call and its error propagates.
     """
     kwargs = [dict(absolute_paths(kw)) for kw in kwargs_list]
-    if chunk_mode() == "tasks":
-        return _run_as_tasks(fn, kwargs, label)
     total = len(kwargs)
     tracker = _Tracker(label, total)
     if not total:
@@ -358,10 +350,3 @@ def run_chunks(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return results
-
-
-def _run_as_tasks(fn: Callable[..., Any], kwargs: list[dict[str, Any]], label: str) -> list[Any]:
-    """Old path: one Prefect task per chunk on the flow's task runner (a DaskTaskRunner)."""
-    chunk_task = _chunk_task(fn)
-    futures = [chunk_task.submit(**kw) for kw in kwargs]
-    return wait_all(futures, label)

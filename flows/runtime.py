@@ -13,8 +13,7 @@
 * :func:`use_cluster` / :func:`dask_client` - the current cluster of this process and a
   (cached, thread-safe) ``distributed.Client`` to it.
 * :func:`stage_task_runner` - the Prefect task runner of the stage flows: threads in the flow's
-  process (their block tasks only wait for dask futures), or, on the old one-task-per-chunk path
-  (``SECTIONFLOW_CHUNK_MODE=tasks``, benchmark comparison only), a ``prefect_dask.DaskTaskRunner``.
+  process (their block tasks only wait for dask futures).
 * :func:`worker_memory_limit` - the smallest memory limit of the current cluster's workers (bytes;
   ``None`` without workers or limits), which :func:`flows.plan.check_task_memory` compares with the
   largest task before a run.
@@ -33,7 +32,6 @@
   ``~/.prefect/prefect.db`` and answer ``503``), raises the client's retries of transient API
   errors (``PREFECT_CLIENT_MAX_RETRIES``, default 10 here) for the processes started after it, and
   logs all three.
-* :func:`wait_all` - wait for submitted Prefect chunk tasks (old path), logging progress.
 """
 
 from __future__ import annotations
@@ -46,25 +44,19 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefect import get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, SettingsContext, get_settings_context
-from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from emcore.errors import SectionflowError
 
 __all__ = [
-    "CHUNK_MODE_ENV",
     "DEFAULT_CLIENT_RETRIES",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "ClusterConfig",
-    "chunk_mode",
     "cluster",
     "dask_client",
     "default_workers",
@@ -74,15 +66,9 @@ __all__ = [
     "stage_settings",
     "stage_task_runner",
     "startup_timeout",
-    "task_runner",
     "use_cluster",
-    "wait_all",
     "worker_memory_limit",
 ]
-
-CHUNK_MODE_ENV = "SECTIONFLOW_CHUNK_MODE"
-"""``blocks`` (default: a Prefect task per block of chunks, chunks as dask futures) or ``tasks`` (the
-old design, one Prefect task per chunk; kept only for the benchmark comparison)."""
 
 _SERVER: Any = None
 DEFAULT_STARTUP_TIMEOUT_S = 300
@@ -97,14 +83,6 @@ _log = logging.getLogger("sectionflow.runtime")
 
 class ClusterError(SectionflowError):
     """A cluster that cannot be started (unknown class, bad kwargs)."""
-
-
-def chunk_mode() -> str:
-    """``"blocks"`` or ``"tasks"`` from ``$SECTIONFLOW_CHUNK_MODE`` (see :data:`CHUNK_MODE_ENV`)."""
-    mode = os.environ.get(CHUNK_MODE_ENV, "blocks").strip().lower() or "blocks"
-    if mode not in ("blocks", "tasks"):
-        raise ClusterError(f"${CHUNK_MODE_ENV}={mode!r}: expected 'blocks' (default) or 'tasks'")
-    return mode
 
 
 def default_workers() -> int:
@@ -293,17 +271,9 @@ def local_cluster(address: str | None = None, n_workers: int | None = None) -> I
         yield addr
 
 
-def task_runner(address: str | None = None, n_workers: int | None = None) -> DaskTaskRunner:
-    """A DaskTaskRunner on ``address`` or on a new LocalCluster (old one-task-per-chunk path)."""
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=_cluster_kwargs(n_workers))
-
-
-def stage_task_runner(address: str | None) -> Any:
-    """The task runner of a stage flow (see the module docstring)."""
-    if chunk_mode() == "tasks":
-        return task_runner(address)
+def stage_task_runner() -> Any:
+    """The task runner of a stage flow (see the module docstring): its block tasks reach the
+    cluster through :func:`dask_client`."""
     return ThreadPoolTaskRunner(max_workers=8)
 
 
@@ -391,23 +361,3 @@ def ensure_local_api() -> str | None:
     _SERVER.start(timeout=timeout)
     os.environ["PREFECT_API_URL"] = _SERVER.api_url
     return _SERVER.api_url
-
-
-def wait_all(futures: Sequence[PrefectFuture], stage: str) -> list[Any]:
-    """Old path: results of Prefect chunk-task ``futures`` (in submission order), with progress.
-
-    Progress is reported every ~10% as they finish.
-
-    Progress goes to the run's log and to a Prefect progress artifact (percent of chunks finished,
-    shown on the flow run's page in the UI).
-    """
-    logger = get_run_logger()
-    total = len(futures)
-    step = max(1, total // 10)
-    artifact = create_progress_artifact(0.0, description=f"{stage}: chunks finished") if total else None
-    for i, _ in enumerate(as_completed(list(futures)), start=1):
-        if i % step == 0 or i == total:
-            logger.info("%s: %d/%d chunks finished", stage, i, total)
-            if artifact is not None:
-                update_progress_artifact(artifact, 100.0 * i / total)
-    return [f.result() for f in futures]

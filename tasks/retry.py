@@ -5,10 +5,8 @@ be transient (``OSError`` such as connection resets and timeouts, ``TimeoutError
 ``ConnectionError``) and never for :class:`~emcore.errors.SectionflowError` (bad input, missing
 layer, unaligned write: retrying cannot help).
 
-* :func:`call_with_retries` applies it to one chunk call, on the dask worker, without Prefect (the
-  default path, :mod:`flows.blocks`).
-* ``CHUNK_TASK_OPTIONS`` are the same policy as Prefect ``@task`` options, for the old
-  one-Prefect-task-per-chunk path (kept for the benchmark comparison only).
+:func:`call_with_retries` applies it to one chunk call, on the dask worker, without Prefect
+(:mod:`flows.blocks`).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import Any, TypeVar
 
 from emcore.errors import SectionflowError
 
-__all__ = ["CHUNK_TASK_OPTIONS", "RETRIES", "RETRY_DELAY_S", "call_with_retries", "is_transient"]
+__all__ = ["RETRIES", "RETRY_DELAY_S", "call_with_retries", "is_transient"]
 
 RETRIES = 2
 RETRY_DELAY_S = 2.0
@@ -54,18 +52,3 @@ def call_with_retries(
                 raise
             attempt += 1
             time.sleep(delay_s)
-
-
-def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - inspect what the task raised
-        return is_transient(exc)
-    return False
-
-
-CHUNK_TASK_OPTIONS: dict[str, Any] = {
-    "retries": RETRIES,
-    "retry_delay_seconds": RETRY_DELAY_S,
-    "retry_condition_fn": _retry_condition,
-}

@@ -10,7 +10,7 @@ from prefect import flow
 
 from emcore.errors import SectionflowError
 from flows.blocks import ChunkProgress, absolute_path, absolute_paths, progress_hook, run_chunks
-from flows.runtime import CHUNK_MODE_ENV, stage_task_runner, use_cluster
+from flows.runtime import stage_task_runner, use_cluster
 from tasks.markers import count
 from tasks.retry import call_with_retries
 from tests.flows import chunkfns
@@ -50,7 +50,7 @@ def _square_flow(n: int, block_size: int, path: str) -> tuple[str, list]:
 def test_results_in_order_one_prefect_task_per_block(dask_address):
     events: list[ChunkProgress] = []
     with use_cluster(dask_address), progress_hook(events.append):
-        run_id, results = _square_flow.with_options(task_runner=stage_task_runner(dask_address))(
+        run_id, results = _square_flow.with_options(task_runner=stage_task_runner())(
             10, 3, "file://./here"
         )
     assert [r["y"] for r in results] == [x * x for x in range(10)]
@@ -86,15 +86,6 @@ def test_markers_make_a_rerun_skip_every_chunk(dask_address, layer_root):
         second = run_chunks(chunkfns.marked, kwargs, "marked", block_size=2)
     assert count(first) == {"done": 5, "skipped": 0}
     assert count(second) == {"done": 0, "skipped": 5}
-
-
-def test_old_path_one_prefect_task_per_chunk(dask_address, monkeypatch):
-    monkeypatch.setenv(CHUNK_MODE_ENV, "tasks")
-    with use_cluster(dask_address):
-        run_id, results = _square_flow.with_options(task_runner=stage_task_runner(dask_address))(5, 2, "")
-    assert [r["y"] for r in results] == [0, 1, 4, 9, 16]
-    runs = _task_runs(run_id, 5)
-    assert len(runs) == 5 and all(r.name.startswith("square-") for r in runs)
 
 
 def test_call_with_retries_policy():
