@@ -29,8 +29,9 @@ Kinds (``S`` = 512 by default):
   pyramid (mips 3..0) failed on such pairs (7 deg on the vnc crop: 89 % of the interior off by
   > 1 px); 5 levels recover them (benchmarks/README.md).
 * ``translation``: capture range for a pure translation (:data:`TRANSLATIONS`: (28, -28) px =
-  39.6 px, then (-38, 10) px = 39.3 px) composed with a smooth 4 px field; tgt = section z.
-  Descent from the coarsest level finds no slope there at any depth (issue 17);
+  39.6 px, then (-30, 24) px = 38.4 px; each component below the 32 px border, so the truth
+  inverts to 0.01 px) composed with a smooth 4 px field; tgt = section z. Descent from the
+  coarsest level finds no slope there at any depth (issue 17);
   ``emcore.finetune.translation_start`` captures it.
 
 Data: the full run uses ``drosophila_vnc_stack1`` (1024 px TIFFs, centre 512 px crop) and
@@ -60,7 +61,7 @@ STRAIN_GRIDS = (12, 14)
 #: ``(rotation deg, translation px)`` of the ``capture`` field per pair index (cycled).
 CAPTURE_MOTIONS = ((7.0, (0.0, 0.0)), (-5.0, (-8.0, 6.0)))
 #: Translation px of the ``translation`` field per pair index (cycled).
-TRANSLATIONS = ((28.0, -28.0), (-38.0, 10.0))
+TRANSLATIONS = ((28.0, -28.0), (-30.0, 24.0))
 #: How a case's source may be resampled (see the module docstring).
 RESAMPLING = ("bilinear", "bicubic")
 NOISE_SIGMA = 0.2
