@@ -16,8 +16,9 @@ API summary
   vs peers", for the sweeps). The pyramid depth follows the chunk size and ``max_motion``
   (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
   chosen per item on held-out pixels (:mod:`emcore.finetune.selection`). With the automatic
-  depth, a pure translation of up to ``max_motion`` is found by cross-correlation before the
-  coarsest level (:mod:`emcore.finetune.translation_start`; smaller motions run as without it).
+  depth and ``max_motion`` > 20 px, a pure translation of up to ``max_motion`` is found by
+  cross-correlation before the coarsest level (:mod:`emcore.finetune.translation_start`; smaller
+  motions run as without it).
 
 Batches: ``N`` pairs are optimized in one call, each with its own lr schedule and early stop;
 the result for an item does not depend on the other items. CPU runs are deterministic (bitwise
@@ -42,7 +43,7 @@ from emcore.field import identity
 from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, default_levels, pyramid_depth
 from emcore.finetune.losses import alignment_loss, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule
-from emcore.finetune.translation_start import translation_start
+from emcore.finetune.translation_start import MIN_MOTION_BOUND, translation_start
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -224,8 +225,9 @@ def finetune(
             50 on GPU); does not change the result.
         max_motion: with ``levels=None``, the largest displacement (px at the input mip) between
             ``warp(src, init_field)`` and ``tgt`` that the pyramid must capture (default
-            :data:`DEFAULT_MAX_MOTION` = 40 px), and the search radius of the translation start
-            (:mod:`emcore.finetune.translation_start`); ignored when ``levels`` is given.
+            :data:`DEFAULT_MAX_MOTION` = 40 px), and, above 20 px, the search radius of the
+            translation start (:mod:`emcore.finetune.translation_start`); ignored when ``levels``
+            is given.
 
     Returns:
         :class:`FinetuneResult`.
@@ -270,7 +272,7 @@ def finetune(
             return t if t is None or everything else t[keep]
 
         start_field = pick(field0)
-        if automatic:  # the motion bound, applied to pure translation too
+        if automatic and max_motion > MIN_MOTION_BOUND:  # the motion bound, for translation too
             start_field, moved = translation_start(
                 pick(src), pick(tgt), start_field, top_mip=schedule[0].mip, max_motion=float(max_motion)
             )

@@ -7,7 +7,8 @@ a pure translation of that size: at mip 4-5 a 512 px crop is 32 or 16 px of blur
 the descent finds no slope (a 512 px vnc pair shifted by (28, -28) px: 100 % of the interior off
 by > 1 px with 5 or 6 levels; benchmarks/README.md, "Capture").
 
-Rule, per item, before the coarsest level (:func:`translation_start`):
+Rule, per item, before the coarsest level (:func:`translation_start`), when the motion bound is
+above :data:`MIN_MOTION_BOUND` (20 px: the default 40 px, not the pipeline's 16 px):
 
 1. downsample ``warp(src, field)`` and ``tgt`` to :data:`NCC_MIP_BELOW_TOP` mips below the top
    level's mip (mip 2 for a 512 px chunk and 40 px: 128 px images) and find the global
@@ -35,13 +36,20 @@ from emcore.errors import BlankSectionError
 from emcore.field import compose, warp
 from emcore.pyramid import downsample_image_torch
 
-__all__ = ["MIN_START_SHIFT", "NCC_MIP_BELOW_TOP", "translation_start"]
+__all__ = ["MIN_MOTION_BOUND", "MIN_START_SHIFT", "NCC_MIP_BELOW_TOP", "translation_start"]
 
 #: The cross-correlation runs this many mips below the top level's (finer than the coarsest
 #: level, where the texture is gone; never below mip 0).
 NCC_MIP_BELOW_TOP = 2
 #: Smallest shift adopted, in px at the top level's mip.
 MIN_START_SHIFT = 1.0
+#: :func:`emcore.finetune.finetune` uses the start only for a motion bound above this (px at the
+#: input mip): the shallowest automatic pyramid (4 levels, mips 3..0) captures translations up to
+#: ``CAPTURE_PX * 2**3`` = 20 px by descent (the ``large`` pairs: ~14 px). Below it, e.g. in the
+#: pipeline (``tasks.finetune.RESIDUAL_MOTION_PX`` = 16 px after the coarse stage's affines), a
+#: start would only trade the descent's result for a cross-correlation peak of a small chunk,
+#: which in ``tests/flows/test_align_stack.py`` (96 px chunks) moved whole chunks by 8-18 px.
+MIN_MOTION_BOUND = 20.0
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor) -> float:
