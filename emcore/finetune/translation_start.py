@@ -21,6 +21,10 @@ above :data:`MIN_MOTION_BOUND` (20 px: the default 40 px, not the pipeline's 16 
    with less motion runs bit for bit as without this rule), and it lowers the masked MSE of the
    pair at the NCC mip.
 
+Cost: about 12 ms per 512 px item on one CPU thread (downsampling and the correlation); the
+correlation runs per item on the CPU whatever the images' device (a batched on-device version is
+the next step for GPU batches; benchmarks/README.md).
+
 The adopted start is ``compose(t, field)``: warp by ``field`` first, then by the constant ``t``
 (:func:`emcore.field.compose`), px at the input mip, :mod:`emcore.field` convention.
 """
