@@ -28,6 +28,11 @@ Kinds (``S`` = 512 by default):
   the evaluated interior), then -5 deg + (-8, 6) px (42 px, 39 px); tgt = section z. A 4-level
   pyramid (mips 3..0) failed on such pairs (7 deg on the vnc crop: 89 % of the interior off by
   > 1 px); 5 levels recover them (benchmarks/README.md).
+* ``translation``: capture range for a pure translation (:data:`TRANSLATIONS`: (28, -28) px =
+  39.6 px, then (-30, 24) px = 38.4 px; each component below the 32 px border, so the truth
+  inverts to 0.01 px) composed with a smooth 4 px field; tgt = section z. Descent from the
+  coarsest level finds no slope there at any depth (issue 17);
+  ``emcore.finetune.translation_start`` captures it.
 
 Data: the full run uses ``drosophila_vnc_stack1`` (1024 px TIFFs, centre 512 px crop) and
 ``drosophila_medulla_fibsem`` (520 px PNGs, centre 512 px crop) from
@@ -50,11 +55,13 @@ from emcore.synthetic import affine_field, smooth_field, true_alignment_field
 
 __all__ = ["KINDS", "RESAMPLING", "Case", "load_sections", "make_case", "make_cases"]
 
-KINDS = ("smooth", "large", "neighbour", "strain", "capture")
+KINDS = ("smooth", "large", "neighbour", "strain", "capture", "translation")
 #: Lattice size of the ``strain`` field per pair index (cycled).
 STRAIN_GRIDS = (12, 14)
 #: ``(rotation deg, translation px)`` of the ``capture`` field per pair index (cycled).
 CAPTURE_MOTIONS = ((7.0, (0.0, 0.0)), (-5.0, (-8.0, 6.0)))
+#: Translation px of the ``translation`` field per pair index (cycled).
+TRANSLATIONS = ((28.0, -28.0), (-30.0, 24.0))
 #: How a case's source may be resampled (see the module docstring).
 RESAMPLING = ("bilinear", "bicubic")
 NOISE_SIGMA = 0.2
@@ -122,6 +129,10 @@ def applied_field(kind: str, size: int, seed: int = 0) -> torch.Tensor:
         rotation, translation = CAPTURE_MOTIONS[seed % len(CAPTURE_MOTIONS)]
         affine = affine_field(size, size, rotation_deg=rotation, translation=translation)
         return compose(affine, smooth_field(size, size, 4.0, seed=200 + seed))
+    if kind == "translation":
+        shift = TRANSLATIONS[seed % len(TRANSLATIONS)]
+        affine = affine_field(size, size, translation=shift)
+        return compose(affine, smooth_field(size, size, 4.0, seed=300 + seed))
     raise ValueError(f"unknown case kind {kind!r}; expected one of {KINDS}")
 
 

@@ -15,7 +15,10 @@ API summary
   ``DEFAULT_MAX_MOTION``: the measured defaults (see ``benchmarks/README.md``, "Accuracy and speed
   vs peers", for the sweeps). The pyramid depth follows the chunk size and ``max_motion``
   (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
-  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`).
+  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`). With the automatic
+  depth and ``max_motion`` > 20 px, a pure translation of up to ``max_motion`` is found by
+  cross-correlation before the coarsest level (:mod:`emcore.finetune.translation_start`; smaller
+  motions run as without it).
 
 Batches: ``N`` pairs are optimized in one call, each with its own lr schedule and early stop;
 the result for an item does not depend on the other items. CPU runs are deterministic (bitwise
@@ -40,6 +43,7 @@ from emcore.field import identity
 from emcore.finetune.coarse_to_fine import Level, coarse_to_fine, default_levels, pyramid_depth
 from emcore.finetune.losses import alignment_loss, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule
+from emcore.finetune.translation_start import MIN_MOTION_BOUND, translation_start
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -99,6 +103,8 @@ class FinetuneResult:
         seconds: wall time of the call.
         level_seconds: wall time of each level's optimization, coarsest first (``L`` floats).
         no_data: ``(N,)`` bool, items returned unchanged because ``src`` or ``tgt`` is all zero.
+        translated: ``(N,)`` bool, items whose start got a global translation
+            (:mod:`emcore.finetune.translation_start`; automatic schedule only, else all False).
     """
 
     field: torch.Tensor
@@ -108,6 +114,7 @@ class FinetuneResult:
     seconds: float
     no_data: torch.Tensor
     level_seconds: tuple[float, ...] = ()
+    translated: torch.Tensor | None = None
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -218,7 +225,9 @@ def finetune(
             50 on GPU); does not change the result.
         max_motion: with ``levels=None``, the largest displacement (px at the input mip) between
             ``warp(src, init_field)`` and ``tgt`` that the pyramid must capture (default
-            :data:`DEFAULT_MAX_MOTION` = 40 px); ignored when ``levels`` is given.
+            :data:`DEFAULT_MAX_MOTION` = 40 px), and, above 20 px, the search radius of the
+            translation start (:mod:`emcore.finetune.translation_start`); ignored when ``levels``
+            is given.
 
     Returns:
         :class:`FinetuneResult`.
@@ -234,6 +243,7 @@ def finetune(
         num_iter=num_iter, lr=lr, patience=patience, max_halvings=max_halvings, rel_tol=rel_tol
     )
     n, _, h, w = src.shape
+    automatic = levels is None
     if levels is None:
         levels = pyramid_depth(h, w, max_motion)
     if isinstance(levels, int):
@@ -254,16 +264,23 @@ def finetune(
     loss = torch.full((n,), math.nan, dtype=torch.float32, device=src.device)
     iterations = torch.zeros(len(schedule), n, dtype=torch.int64, device=src.device)
     level_seconds = tuple(0.0 for _ in schedule)
+    translated = torch.zeros(n, dtype=torch.bool, device=src.device)
     if keep.numel():
         everything = keep.numel() == n
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return t if t is None or everything else t[keep]
 
+        start_field = pick(field0)
+        if automatic and max_motion > MIN_MOTION_BOUND:  # the motion bound, for translation too
+            start_field, moved = translation_start(
+                pick(src), pick(tgt), start_field, top_mip=schedule[0].mip, max_motion=float(max_motion)
+            )
+            translated[keep] = moved
         out, outcomes = coarse_to_fine(
             pick(src),
             pick(tgt),
-            pick(field0),
+            start_field,
             levels=schedule,
             base=base,
             sm=float(sm),
@@ -285,4 +302,5 @@ def finetune(
         seconds=time.perf_counter() - start,
         no_data=~has_data,
         level_seconds=level_seconds,
+        translated=translated,
     )
