@@ -53,7 +53,6 @@ def real_clean_fractions(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
@@ -62,19 +61,19 @@ def real_clean_fractions(
     from flows.align_stack import run_stage
     from flows.layout import Layout
     from flows.params import AlignParams
-    from flows.runtime import _forget_client
+    from flows.runtime import local_cluster
     from flows.stages import normalize_flow
     from tasks.detect import detection_mip
 
     out: dict[str, dict[str, object]] = {}
     with prefect_test_harness(server_startup_timeout=120):
         os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with local_cluster(n_workers=2) as address:
             for stack, count in REAL_STACKS:
                 registered = import_registered(stack, resolution, count, work)
                 output = "file://" + str(work / f"{stack}-{resolution}-detect")
                 params = AlignParams(source=registered.path, output=output)
-                run_stage(normalize_flow, params, c.scheduler_address)
+                run_stage(normalize_flow, params, address)
                 normalized = open_layer(Layout(params.output).normalized)
                 resolutions = [normalized.resolution(m)[0] for m in range(normalized.num_mips)]
                 mip = detection_mip(resolutions, params.finetune_mip)
@@ -88,7 +87,6 @@ def real_clean_fractions(
                     marked = detect_defects(image, model, threshold=threshold, min_length=rule)
                     row[name] = (marked.flatten(1).sum(1) / tissue).numpy()
                 out[stack] = row
-            _forget_client(c.scheduler_address)  # close the stages' cached client before the cluster
     return out
 
 
