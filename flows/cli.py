@@ -199,7 +199,7 @@ def _run_stages(params: Any, cluster_config: Any, names: list[str]) -> dict[str,
     from flows.plan import check_task_memory
     from flows.runtime import cluster, ensure_local_api, use_cluster, worker_memory_limit
 
-    ensure_local_api()
+    ensure_local_api(getattr(params, "output", None))
     summaries: dict[str, dict[str, Any]] = {}
     with cluster(cluster_config) as address:
         console.print(f"chunks run on the dask cluster at {address}")
@@ -244,7 +244,7 @@ def _run_align_stack(params: Any, cluster_config: Any) -> dict[str, dict[str, An
     from flows.align_stack import align_stack, stage_hook
     from flows.runtime import ensure_local_api
 
-    ensure_local_api()
+    ensure_local_api(params.output)
     last = [time.perf_counter()]
 
     def progress(stage: str, summary: dict[str, Any]) -> None:
@@ -325,7 +325,7 @@ def downsample_command(
     try:
         params = DownsampleParams(layer=layer, src_mip=src_mip, dst_mip=dst_mip)
         clusters = _cluster_config(None, cluster_config, dask_address)
-        ensure_local_api()
+        ensure_local_api(params.layer)
         with cluster(clusters) as address, _ChunkBars():
             summary = run_stage(downsample_flow, params, address)
     except (ValidationError, SectionflowError, StorageIOError) as exc:

@@ -27,8 +27,8 @@
   temporary API server once in this process and export its URL, so the dask worker processes
   report to the same API instead of each starting their own. It gives the server
   :func:`startup_timeout` seconds to come up (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``,
-  default 300 here instead of Prefect's 20, which a loaded machine exceeds), its own SQLite
-  database in a fresh temporary folder (:func:`run_database_url`; concurrent runs otherwise share
+  default 300 here instead of Prefect's 20, which a loaded machine exceeds), a SQLite database
+  that no other running process uses (:func:`run_database_url`: concurrent runs otherwise share
   ``~/.prefect/prefect.db`` and answer ``503``), raises the client's retries of transient API
   errors (``PREFECT_CLIENT_MAX_RETRIES``, default 10 here) for the processes started after it, and
   logs all three.
@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from emcore.errors import SectionflowError
 
 __all__ = [
+    "DATABASE_CACHE_ENV",
     "DEFAULT_CLIENT_RETRIES",
     "DEFAULT_STARTUP_TIMEOUT_S",
     "ClusterConfig",
@@ -314,24 +315,70 @@ def startup_timeout() -> int:
         ) from None
 
 
-def run_database_url() -> tuple[str, str | None]:
+DATABASE_CACHE_ENV = "SECTIONFLOW_CACHE"
+"""Folder of the per-output Prefect databases (default ``$XDG_CACHE_HOME/sectionflow`` or
+``~/.cache/sectionflow``)."""
+_HELD_DATABASES: dict[str, Any] = {}  # folder -> open, flock-ed lock file (held until exit)
+
+
+def _database_cache() -> str:
+    root = os.environ.get(DATABASE_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sectionflow"
+    )
+    return os.path.join(root, "prefect")
+
+
+def _hold(folder: str) -> bool:
+    """Lock ``folder`` for this process (an exclusive ``flock`` kept until exit); False if another
+    process holds it."""
+    import fcntl
+
+    if folder in _HELD_DATABASES:
+        return True
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, "in-use.lock"), "a")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return False
+    _HELD_DATABASES[folder] = handle
+    return True
+
+
+def run_database_url(output: str | None = None) -> tuple[str, str | None]:
     """The database of this process's embedded API: ``(url, folder to delete at exit or None)``.
 
     A database the user configured (``PREFECT_SERVER_DATABASE_CONNECTION_URL`` or
-    ``PREFECT_API_DATABASE_CONNECTION_URL``) is kept; otherwise a SQLite file in a new temporary
-    folder, so concurrent runs never share (and lock) one database.
+    ``PREFECT_API_DATABASE_CONNECTION_URL``) is kept. For a run into ``output``, a SQLite file kept
+    for that output (``<cache>/<hash of the output path>/prefect.db``, :data:`DATABASE_CACHE_ENV`),
+    locked for this process: the output's run history stays between runs, and a rerun's API starts
+    without creating the database (measured 7.8 s against 16.9 s for a new one). When another
+    process holds it, or without ``output``, a new temporary folder, deleted at exit. So no two
+    running processes ever share (and lock) one database.
     """
+    import hashlib
+
+    from flows.blocks import absolute_path
+
     for name in _DB_VARIABLES:
         if os.environ.get(name):
             return os.environ[name], None
+    if output is not None:
+        key = hashlib.sha256(absolute_path(output).encode()).hexdigest()[:16]
+        folder = os.path.join(_database_cache(), key)
+        if _hold(folder):
+            return f"sqlite+aiosqlite:///{os.path.join(folder, 'prefect.db')}", None
     folder = tempfile.mkdtemp(prefix="sectionflow-prefect-")
     return f"sqlite+aiosqlite:///{os.path.join(folder, 'prefect.db')}", folder
 
 
-def ensure_local_api() -> str | None:
+def ensure_local_api(output: str | None = None) -> str | None:
     """Start Prefect's temporary local API once if no ``PREFECT_API_URL`` is set; return the URL.
 
-    See the module docstring for the start-up timeout, the per-run database and the retries.
+    ``output``: the run's output path, whose kept database the API uses when no other process
+    holds it (:func:`run_database_url`). See the module docstring for the start-up timeout and the
+    retries.
     """
     global _SERVER
     from prefect.settings import PREFECT_API_URL
@@ -345,9 +392,11 @@ def ensure_local_api() -> str | None:
     from prefect.server.api.server import SubprocessASGIServer
 
     timeout = startup_timeout()
-    url, folder = run_database_url()
-    if folder is not None:
+    configured = any(os.environ.get(name) for name in _DB_VARIABLES)
+    url, folder = run_database_url(output)
+    if not configured:
         os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url  # read by the server subprocess
+    if folder is not None:
         import atexit
 
         atexit.register(shutil.rmtree, folder, True)  # runs after the server's own atexit stop

@@ -94,3 +94,28 @@ def test_stage_subflows_skip_heartbeats_but_top_level_runs_keep_them(
     parent_own, stage_inside = _heartbeat_parent(params, dask_address)
     assert parent_own is not None and stage_inside is None
     assert run_stage(_heartbeat_probe, params, dask_address)["heartbeat"] == parent_own
+
+
+def test_a_run_keeps_its_output_database_unless_another_process_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reruns into one output reuse its migrated database (the API starts faster); two running
+    processes never share one: the second gets a temporary database."""
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SECTIONFLOW_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "out")
+    first, kept = run_database_url(out)
+    assert kept is None and first.startswith(f"sqlite+aiosqlite:///{tmp_path / 'cache'}")
+    assert run_database_url("file://" + out) == (first, None)  # the same output, spelled otherwise
+    other, _ = run_database_url(str(tmp_path / "elsewhere"))
+    assert other != first
+    probe = (
+        "from flows.runtime import run_database_url; import shutil; url, folder = run_database_url("
+        f"{out!r}); print(url); shutil.rmtree(folder)"
+    )
+    env = dict(os.environ, SECTIONFLOW_CACHE=str(tmp_path / "cache"))
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                            check=True)  # fmt: skip
+    url = answer.stdout.strip().splitlines()[-1]
+    assert url != first and "sectionflow-prefect-" in url  # held by this process: a temporary one
