@@ -330,13 +330,16 @@ def _database_cache() -> str:
 
 def _hold(folder: str) -> bool:
     """Lock ``folder`` for this process (an exclusive ``flock`` kept until exit); False if another
-    process holds it."""
+    process holds it or it cannot be created."""
     import fcntl
 
     if folder in _HELD_DATABASES:
         return True
-    os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, "in-use.lock"), "a")  # noqa: SIM115 - held until exit
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, "in-use.lock"), "a")  # noqa: SIM115 - held until exit
+    except OSError:  # an unwritable cache: the caller falls back to a temporary database
+        return False
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -119,3 +119,17 @@ def test_a_run_keeps_its_output_database_unless_another_process_holds_it(
                             check=True)  # fmt: skip
     url = answer.stdout.strip().splitlines()[-1]
     assert url != first and "sectionflow-prefect-" in url  # held by this process: a temporary one
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("SECTIONFLOW_CACHE", str(tmp_path / "a_file" / "cache"))
+    url, folder = run_database_url(str(tmp_path / "out"))
+    try:
+        assert folder is not None and folder in url
+    finally:
+        os.rmdir(folder)
