@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +45,27 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _provenance(
+    command: str, recipe: Any, history: Any, seed: int, note: str, **extra: Any
+) -> dict[str, Any]:
+    """The provenance every trained model records (the command, data, run and versions), plus
+    ``extra`` recipe-specific entries; ``note`` says what ``final_losses`` are."""
+    return {
+        "command": command,
+        "data": [s.describe() for s in recipe.sources],
+        "steps": len(history.rows),
+        "batch": recipe.batch,
+        "seed": seed,
+        "final_losses": history.final(),
+        "final_losses_note": note,
+        "seconds": round(history.seconds, 1),
+        "threads": recipe.threads,
+        "torch": torch.__version__,
+        "code_version": code_version(),
+        **extra,
+    }
 
 
 def train_and_save(
@@ -80,19 +102,10 @@ def train_and_save(
             output_channels=1,
             weights="",
             description=SHIPPED_MODELS[name] + (f"; {recipe.note}" if recipe.note else ""),
-            provenance={
-                "command": command,
-                "data": [s.describe() for s in recipe.sources],
-                "steps": len(history.rows),
-                "batch": recipe.batch,
-                "seed": seed,
-                "final_losses": history.final(),
-                "final_losses_note": "means over the last 10% of steps; raw_* = same loss on the raw images",
-                "seconds": round(history.seconds, 1),
-                "threads": recipe.threads,
-                "torch": torch.__version__,
-                "code_version": code_version(),
-            },
+            provenance=_provenance(
+                command, recipe, history, seed,
+                "means over the last 10% of steps; raw_* = same loss on the raw images",
+            ),  # fmt: skip
         )
     elif name in ("pyramid_aligner", "pyramid_refiner"):
         from emcore.models.aligner_training import ALIGNER_RECIPES, train_aligner
@@ -111,20 +124,11 @@ def train_and_save(
             output_channels=2,
             weights="",
             description=SHIPPED_MODELS[name],
-            provenance={
-                "command": command,
-                "data": [s.describe() for s in recipe.sources],
-                "steps": len(history.rows),
-                "batch": recipe.batch,
-                "seed": seed,
-                "final_losses": history.final(),
-                "final_losses_note": "means over the last 10% of steps; residual_px = |field - true| median",
-                "supervision_weight": recipe.supervision_weight,
-                "seconds": round(history.seconds, 1),
-                "threads": recipe.threads,
-                "torch": torch.__version__,
-                "code_version": code_version(),
-            },
+            provenance=_provenance(
+                command, recipe, history, seed,
+                "means over the last 10% of steps; residual_px = |field - true| median",
+                supervision_weight=recipe.supervision_weight,
+            ),  # fmt: skip
         )
     elif name == "defect_detector":
         from emcore.models.detector_training import DETECTOR_RECIPE, evaluate_detector, train_detector
@@ -146,32 +150,23 @@ def train_and_save(
             output_channels=1,
             weights="",
             description=SHIPPED_MODELS[name],
-            provenance={
-                "command": command,
-                "data": [s.describe() for s in recipe.sources],
-                "defects": (
+            provenance=_provenance(
+                command, recipe, history, seed,
+                "means over the last 10% of steps; loss = BCE + (1 - soft Dice)",
+                defects=(
                     f"{recipe.defects_per_section} synthetic defects per training section "
                     "(emcore.synthetic_defects.random_settings: fold or crack, half partial, resin or "
                     f"empty gap), displacement {recipe.displacement_px} px, width {recipe.width_px} px, "
                     f"resin {recipe.resin_level} tissue std above the mean; "
                     f"{recipe.clean_fraction:.0%} of items clean; emcore.models.artifacts augmentation"
                 ),
-                "steps": len(history.rows),
-                "batch": recipe.batch,
-                "seed": seed,
-                "final_losses": history.final(),
-                "final_losses_note": "means over the last 10% of steps; loss = BCE + (1 - soft Dice)",
-                "held_out": held_out,
-                "held_out_note": (
+                held_out=held_out,
+                held_out_note=(
                     "emcore.models.detector_training.evaluate_detector: held-out sections (vnc 16-19, "
                     "medulla 56-63), 4 synthetic defects each, threshold 0.5; pixel precision/recall/IoU "
                     "pooled; clean_fp = marked fraction of clean tissue; *_artifacts = with artifacts"
                 ),
-                "seconds": round(history.seconds, 1),
-                "threads": recipe.threads,
-                "torch": torch.__version__,
-                "code_version": code_version(),
-            },
+            ),  # fmt: skip
         )
     else:
         raise ValueError(f"unknown model {name!r}; trainable: {', '.join(SHIPPED_MODELS)}")
