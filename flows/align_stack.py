@@ -21,15 +21,8 @@ from prefect import flow, get_run_logger
 from flows.layout import Layout
 from flows.lock import output_lock
 from flows.params import AlignParams
-from flows.plan import check_task_memory
-from flows.runtime import (
-    ClusterConfig,
-    cluster,
-    stage_settings,
-    stage_task_runner,
-    use_cluster,
-    worker_memory_limit,
-)
+from flows.plan import check_workers_fit
+from flows.runtime import ClusterConfig, cluster, stage_settings, stage_task_runner, use_cluster
 from flows.stages import (
     coarse_align_flow,
     detect_flow,
@@ -145,8 +138,7 @@ def align_stack(
     config = ClusterConfig(address=dask_address) if dask_address else cluster_config
     with output_lock(params.output), cluster(config) as address:
         logger.info("align_stack: chunk tasks run on the dask cluster at %s", address)
-        with use_cluster(address):
-            check_task_memory(params, worker_memory_limit())  # before any stage writes
+        check_workers_fit(params, address)  # before any stage writes
         progress = StageProgress(list(STAGES))
         for name, stage_flow in STAGES.items():
             logger.info("align_stack: stage %s", name)

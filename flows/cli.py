@@ -195,17 +195,14 @@ def _ok_line(stage: str, summary: dict[str, Any], seconds: float | None) -> str:
 
 def _run_stages(params: Any, cluster_config: Any, names: list[str]) -> dict[str, dict[str, Any]]:
     from flows.align_stack import STAGES, run_stage
-    from flows.params import AlignParams
-    from flows.plan import check_task_memory
-    from flows.runtime import cluster, ensure_local_api, use_cluster, worker_memory_limit
+    from flows.plan import check_workers_fit
+    from flows.runtime import cluster, ensure_local_api
 
-    ensure_local_api(getattr(params, "output", None))
+    ensure_local_api(params.output)
     summaries: dict[str, dict[str, Any]] = {}
     with cluster(cluster_config) as address:
         console.print(f"chunks run on the dask cluster at {address}")
-        if isinstance(params, AlignParams):
-            with use_cluster(address):
-                check_task_memory(params, worker_memory_limit())
+        check_workers_fit(params, address)
         for name in names:
             start = time.perf_counter()
             with _ChunkBars():

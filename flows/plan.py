@@ -9,7 +9,7 @@ them first and logs them to the run.
 the settings (coarse: a whole section; finetune: a padded chunk; solve: a padded chunk x a z-block),
 from the kernels' measured costs (:mod:`emcore.task_memory`); :func:`check_task_memory` refuses a
 run, before any stage, whose largest task would not fit a worker's memory limit, and says which
-setting to change.
+setting to change; :func:`check_workers_fit` applies it to a running cluster.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from emcore.task_memory import (
     solve_task_bytes,
 )
 from flows.params import AlignParams
+from flows.runtime import use_cluster, worker_memory_limit
 
-__all__ = ["TaskMemoryError", "check_task_memory", "plan_lines", "task_memory"]
+__all__ = ["TaskMemoryError", "check_task_memory", "check_workers_fit", "plan_lines", "task_memory"]
 
 #: A task may use up to this fraction of a worker's limit above the worker's resting size
 #: (dask pauses a worker at 80 % of its limit and restarts it at 95 %).
@@ -76,6 +77,12 @@ def check_task_memory(params: AlignParams, worker_limit: int | None) -> None:
                 f"torch and the models): use {_ADVICE[stage]}, or give the workers more memory "
                 "(cluster.memory_limit, dask worker --memory-limit)"
             )
+
+
+def check_workers_fit(params: AlignParams, address: str) -> None:
+    """:func:`check_task_memory` against the workers of the cluster at ``address``."""
+    with use_cluster(address):
+        check_task_memory(params, worker_memory_limit())
 
 
 def plan_lines(params: AlignParams) -> tuple[list[str], list[str]]:

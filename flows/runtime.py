@@ -395,10 +395,8 @@ def ensure_local_api(output: str | None = None) -> str | None:
     from prefect.server.api.server import SubprocessASGIServer
 
     timeout = startup_timeout()
-    configured = any(os.environ.get(name) for name in _DB_VARIABLES)
     url, folder = run_database_url(output)
-    if not configured:
-        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url  # read by the server subprocess
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url  # read by the server subprocess
     if folder is not None:
         import atexit
 
