@@ -9,6 +9,10 @@ removed since. To measure it again, check out 4c313a8 and run ``--modes blocks,t
     python -m benchmarks.bench_scale                    # 1k^2, 2k^2, 4k^2 px x 8, 32, 128 sections
     python -m benchmarks.bench_scale --sizes 1024 --sections 8
 
+Designs (``--modes``): ``blocks`` (the default: each dask task runs a group of consecutive
+chunks, :func:`flows.blocks.chunks_per_task`) and ``blocks1`` (the same with one dask task per
+chunk, ``$SECTIONFLOW_CHUNKS_PER_TASK=1``: the design before the groups), in the same run.
+
 Stacks are built from the bundled real VNC sections (``data/vnc_stack1``, 1024^2 px, 4.6 nm):
 section ``z`` is bundled section ``z % 10``, mirrored (``numpy.pad(mode="symmetric")``) or cropped
 to the size, shifted by a seeded integer offset of up to 16 px (section 0 stays), stored in 128 px
@@ -210,7 +214,13 @@ def run_overhead(n: int, mode: str) -> dict[str, Any]:
     return {"mode": mode, "noop_chunks": n, "seconds": seconds, "ms_per_chunk": 1e3 * seconds / n}
 
 
-NAMES = {"dask": "plain client.map (floor)", "blocks": "blocks"}
+NAMES = {
+    "dask": "plain client.map (floor)",
+    "blocks": "blocks, chunk groups per dask task",
+    "blocks1": "blocks, one dask task per chunk",
+}
+#: Environment of a design's subprocess (``blocks1``: the grouping turned off, as before it existed).
+MODE_ENV = {"blocks1": {"SECTIONFLOW_CHUNKS_PER_TASK": "1"}}
 
 
 def noop_table(rows: list[dict[str, Any]]) -> str:
@@ -252,6 +262,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--sections", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--num-iter", type=int, default=20)
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["blocks", "blocks1"],
+                        help="designs: blocks (chunk groups), blocks1 (one dask task per chunk)")
     parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000)")
     parser.add_argument("--case", nargs=3, metavar=("SIZE", "SECTIONS", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-case", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
@@ -266,7 +278,7 @@ def main() -> int:
     base = QUICK if args.quick else FULL
     sizes, sections = args.sizes or base["sizes"], args.sections or base["sections"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    modes = ["blocks"]
+    modes = args.modes
     noop = args.noop_chunks or base["noop"]
     # fixed cost + per-chunk cost: the fast designs also at 10x the chunks (the slope is the per-chunk cost)
     overhead = [_subprocess(["--overhead-case", str(count), mode], f"noop{count}_{mode}", mode)
@@ -299,6 +311,7 @@ def _subprocess(case: list[str], name: str, mode: str) -> dict[str, Any]:
                # otherwise each run gets a fresh temporary database, which this would not see)
                PREFECT_SERVER_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///" + str(home / "prefect.db"))
     env.pop("PREFECT_API_URL", None)
+    env.update(MODE_ENV.get(mode, {}))
     print(f"-- {name} ...", flush=True)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", *case], env=env,
                           capture_output=True, text=True)  # fmt: skip

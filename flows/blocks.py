@@ -6,9 +6,18 @@ chunks (``$SECTIONFLOW_BLOCK_CHUNKS``, default :data:`DEFAULT_BLOCK_CHUNKS`); th
 z-major (:meth:`emcore.geometry.VoxelGrid.chunks`), so a block is a z-range x the stage's region.
 Each block is one Prefect task run (``chunk-block``, named ``"<label> <i>/<n>"``) in the flow's
 process that maps its chunks over the dask cluster (:func:`flows.runtime.dask_client`,
-``client.map``: one dask future per chunk, no Prefect per chunk) and waits for them as they
-complete. At most :data:`BLOCKS_IN_FLIGHT` blocks run at once, so the futures held by the client
-are bounded by ``BLOCKS_IN_FLIGHT * block_chunks`` whatever the volume.
+``client.map``, no Prefect per chunk) and waits for them as they complete. At most
+:data:`BLOCKS_IN_FLIGHT` blocks run at once, so the futures held by the client are bounded by
+``BLOCKS_IN_FLIGHT * block_chunks`` whatever the volume.
+
+One dask task runs a *group* of consecutive chunks of a block, one after the other
+(:func:`run_chunk_group`; :func:`chunks_per_task` sets the group size): a dask task costs ~3-4 ms
+of scheduling on a small machine, more than a skipped chunk's marker check (~0.15 ms), so one task
+per chunk made a rerun cost ~5 ms per chunk. Groups are small enough that every worker thread
+still gets about :data:`TASKS_PER_THREAD` of them per block (load balance) and at most
+:data:`MAX_CHUNKS_PER_TASK` chunks (progress steps, work redone when a worker dies mid-group:
+its finished chunks are kept by their markers). A group's memory is one chunk's: its chunks run
+in turn.
 
 What every chunk keeps (on the worker, in the chunk function and :func:`tasks.retry.call_with_retries`):
 its completion marker is checked before any read and written atomically after the write
@@ -61,18 +70,26 @@ __all__ = [
     "BLOCKS_IN_FLIGHT",
     "BLOCK_ENV",
     "DEFAULT_BLOCK_CHUNKS",
+    "GROUP_ENV",
+    "MAX_CHUNKS_PER_TASK",
+    "TASKS_PER_THREAD",
     "ChunkProgress",
     "absolute_params",
     "absolute_path",
     "absolute_paths",
     "block_chunks",
+    "chunks_per_task",
     "progress_hook",
+    "run_chunk_group",
     "run_chunks",
 ]
 
 BLOCK_ENV = "SECTIONFLOW_BLOCK_CHUNKS"
 DEFAULT_BLOCK_CHUNKS = 1024
 BLOCKS_IN_FLIGHT = 4
+GROUP_ENV = "SECTIONFLOW_CHUNKS_PER_TASK"
+TASKS_PER_THREAD = 8  # dask tasks per worker thread and block, at least (load balance)
+MAX_CHUNKS_PER_TASK = 32
 ARTIFACT_EVERY_S = 1.0  # progress artifacts are updated every ~10 %, at most once a second, and at 100 %
 _LOG = logging.getLogger("sectionflow.blocks")
 
@@ -221,6 +238,26 @@ def _counts(results: Sequence[Any]) -> str:
     return f"{done} chunks computed, {len(outcomes) - done} skipped"
 
 
+def chunks_per_task(chunks: int, threads: int) -> int:
+    """Chunks per dask task for a block of ``chunks`` on a cluster with ``threads`` worker threads.
+
+    ``ceil(chunks / (threads * TASKS_PER_THREAD))``, between 1 and :data:`MAX_CHUNKS_PER_TASK`
+    (``threads`` 0, an adaptive cluster before its first worker, counts as 1);
+    ``$SECTIONFLOW_CHUNKS_PER_TASK`` sets it instead (1 = one dask task per chunk).
+    """
+    chosen = _positive_env(GROUP_ENV, "chunks per dask task")
+    if chosen is not None:
+        return chosen
+    per_task = -(-chunks // (max(threads, 1) * TASKS_PER_THREAD))
+    return max(1, min(MAX_CHUNKS_PER_TASK, per_task))
+
+
+def run_chunk_group(fn: Callable[..., Any], group: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """``[fn(**kwargs) for kwargs in group]`` on a worker, each chunk with its retries
+    (:func:`tasks.retry.call_with_retries`); the first chunk that still fails stops the group."""
+    return [call_with_retries(fn, kwargs) for kwargs in group]
+
+
 def _run_block(block: _Block) -> list[Any]:
     """Map the block's chunks over the cluster and wait for them, reporting progress."""
     from distributed import KilledWorker, as_completed
@@ -234,10 +271,12 @@ def _run_block(block: _Block) -> list[Any]:
             artifact = create_progress_artifact(0.0, description=f"{block.name}: chunks finished")
     updated = 0.0
     client = dask_client()
+    size = chunks_per_task(n, sum(client.nthreads().values()))
+    groups = [block.kwargs[i : i + size] for i in range(0, n, size)]
     futures = client.map(
-        functools.partial(call_with_retries, block.fn), block.kwargs, pure=False, key=block.fn.__name__
+        functools.partial(run_chunk_group, block.fn), groups, pure=False, key=block.fn.__name__
     )
-    index = {f.key: i for i, f in enumerate(futures)}
+    index = {f.key: i * size for i, f in enumerate(futures)}
     results: list[Any] = [None] * n
     log_step = max(1, n // 4) if n >= 100 else n
     art_step = max(1, n // 10)
@@ -247,15 +286,19 @@ def _run_block(block: _Block) -> list[Any]:
         for batch in as_completed(futures, loop=client.loop).batches():
             if block.tracker.failed.is_set() and failed is None:
                 raise ChunkFailedError(f"{block.name}: stopped, another block of {block.label} failed")
+            chunks = 0
             for future in batch:
+                start_at = index[future.key]
+                chunks += len(groups[start_at // size])
                 if future.status == "error":
                     if failed is None:
                         failed = future
                         block.tracker.failed.set()
                     continue
-                results[index[future.key]] = future.result()
-            before, finished = finished, finished + len(batch)
-            block.tracker.add(len(batch))
+                group_results = future.result()
+                results[start_at : start_at + len(group_results)] = group_results
+            before, finished = finished, finished + chunks
+            block.tracker.add(chunks)
             now = time.perf_counter()
             due = finished // art_step != before // art_step and now - updated >= ARTIFACT_EVERY_S
             if artifact is not None and (due or finished == n):
@@ -278,7 +321,7 @@ def _run_block(block: _Block) -> list[Any]:
         block.tracker.failed.set()
         client.cancel(futures)
         raise
-    del futures, index
+    del futures, index, groups
     seconds = time.perf_counter() - start
     logger.info("%s: %s in %.1f s (%.1f ms per chunk)", block.name, _counts(results), seconds,
                 1e3 * seconds / max(n, 1))  # fmt: skip
@@ -297,15 +340,21 @@ def _block_in_prefect(block: _Block) -> list[Any]:
 
 def block_chunks() -> int:
     """Chunks per block from ``$SECTIONFLOW_BLOCK_CHUNKS`` (default :data:`DEFAULT_BLOCK_CHUNKS`)."""
-    raw = os.environ.get(BLOCK_ENV, "").strip()
+    chosen = _positive_env(BLOCK_ENV, "chunks per block")
+    return DEFAULT_BLOCK_CHUNKS if chosen is None else chosen
+
+
+def _positive_env(name: str, what: str) -> int | None:
+    """The positive integer in ``$name``, ``None`` when unset; a clear error naming it otherwise."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_BLOCK_CHUNKS
+        return None
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value <= 0:
-        raise SectionflowError(f"${BLOCK_ENV}={raw!r}: expected a positive number of chunks per block")
+        raise SectionflowError(f"${name}={raw!r}: expected a positive number of {what}")
     return value
 
 

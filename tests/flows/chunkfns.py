@@ -29,6 +29,11 @@ def broken(x: int, calls_dir: str) -> int:
     raise SectionflowError(f"chunk {x}: bad input, fix the parameters")
 
 
+def square_or_broken(x: int, path: str = "", calls_dir: str = "") -> Any:
+    """:func:`broken` when ``calls_dir`` is given, else :func:`square` (a group with one bad chunk)."""
+    return broken(x, calls_dir) if calls_dir else square(x, path)
+
+
 def marked(layer: str, x: int) -> ChunkOutcome:
     """A chunk with a completion marker: ``done`` the first time, ``skipped`` after."""
     marker = ChunkMarker(layer, "marked", str(x), (), {})

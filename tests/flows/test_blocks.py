@@ -9,7 +9,16 @@ import pytest
 from prefect import flow
 
 from emcore.errors import SectionflowError
-from flows.blocks import ChunkProgress, absolute_path, absolute_paths, progress_hook, run_chunks
+from flows.blocks import (
+    GROUP_ENV,
+    MAX_CHUNKS_PER_TASK,
+    ChunkProgress,
+    absolute_path,
+    absolute_paths,
+    chunks_per_task,
+    progress_hook,
+    run_chunks,
+)
 from flows.runtime import stage_task_runner, use_cluster
 from tasks.markers import count
 from tasks.retry import call_with_retries
@@ -129,3 +138,34 @@ def test_without_a_current_cluster_a_local_one_is_started_for_the_process():
         assert runtime._IMPLICIT is not None  # a stage flow run alone (e.g. from a deployment)
     finally:
         runtime._close_clients()
+
+
+def test_chunks_per_task_rule(monkeypatch):
+    monkeypatch.delenv(GROUP_ENV, raising=False)
+    assert chunks_per_task(257, 2) == 17  # ceil(257 / (2 threads * 8 tasks each))
+    assert chunks_per_task(10_000, 2) == MAX_CHUNKS_PER_TASK
+    assert chunks_per_task(5, 4) == 1
+    assert chunks_per_task(40, 0) == 5  # an adaptive cluster before its first worker: 1 thread
+    monkeypatch.setenv(GROUP_ENV, "3")
+    assert chunks_per_task(10_000, 2) == 3
+    monkeypatch.setenv(GROUP_ENV, "many")
+    with pytest.raises(SectionflowError, match=GROUP_ENV):
+        chunks_per_task(10, 2)
+
+
+def test_chunk_groups_keep_order_progress_retries_and_errors(dask_address, tmp_path, monkeypatch):
+    monkeypatch.setenv(GROUP_ENV, "4")  # 10 chunks -> dask tasks of 4, 4 and 2 chunks
+    events: list[ChunkProgress] = []
+    with use_cluster(dask_address), progress_hook(events.append):
+        results = run_chunks(chunkfns.square, [{"x": x} for x in range(10)], "grouped")
+        flaky = run_chunks(chunkfns.flaky, [{"x": x, "flag_dir": str(tmp_path)} for x in range(6)], "flaky")
+    assert [r["y"] for r in results] == [x * x for x in range(10)]
+    done = [e.done for e in events if e.label == "grouped"]
+    assert done[0] == 0 and done[-1] == 10 and set(done) <= {0, 2, 4, 6, 8, 10}
+    assert flaky == list(range(6))  # each chunk of a group retried on its own
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    kwargs = [{"x": x, "path": ""} for x in range(3)] + [{"x": 3, "calls_dir": str(calls)}]
+    with use_cluster(dask_address), pytest.raises(SectionflowError, match="chunk 3: bad input"):
+        run_chunks(chunkfns.square_or_broken, kwargs, "mixed")
+    assert len(os.listdir(calls)) == 1  # the failing chunk of the group ran once, not retried
