@@ -196,11 +196,10 @@ def _ok_line(stage: str, summary: dict[str, Any], seconds: float | None) -> str:
 def _run_stages(params: Any, cluster_config: Any, names: list[str]) -> dict[str, dict[str, Any]]:
     from flows.align_stack import STAGES, run_stage
     from flows.plan import check_workers_fit
-    from flows.runtime import cluster, ensure_local_api
+    from flows.runtime import api_and_cluster
 
-    ensure_local_api(params.output)
     summaries: dict[str, dict[str, Any]] = {}
-    with cluster(cluster_config) as address:
+    with api_and_cluster(params.output, cluster_config) as address:
         console.print(f"chunks run on the dask cluster at {address}")
         check_workers_fit(params, address)
         for name in names:
@@ -239,9 +238,8 @@ for _name in ("normalize", "detect", "encode", "coarse_align", "finetune", "solv
 
 def _run_align_stack(params: Any, cluster_config: Any) -> dict[str, dict[str, Any]]:
     from flows.align_stack import align_stack, stage_hook
-    from flows.runtime import ensure_local_api
+    from flows.runtime import api_and_cluster
 
-    ensure_local_api(params.output)
     last = [time.perf_counter()]
 
     def progress(stage: str, summary: dict[str, Any]) -> None:
@@ -250,8 +248,10 @@ def _run_align_stack(params: Any, cluster_config: Any) -> dict[str, dict[str, An
         last[0] = now
         bars.progress.console.print(_ok_line(stage, summary, seconds))
 
-    with _ChunkBars() as bars, stage_hook(progress):
-        return align_stack(params, cluster_config=cluster_config)
+    with api_and_cluster(params.output, cluster_config) as address:
+        last[0] = time.perf_counter()
+        with _ChunkBars() as bars, stage_hook(progress):
+            return align_stack(params, dask_address=address)
 
 
 def _print_plan(params: Any) -> None:
@@ -316,14 +316,13 @@ def downsample_command(
     """Fill the coarser mips of a layer from src_mip."""
     from flows.align_stack import run_stage
     from flows.params import DownsampleParams
-    from flows.runtime import cluster, ensure_local_api
+    from flows.runtime import api_and_cluster
     from flows.stages import downsample_flow
 
     try:
         params = DownsampleParams(layer=layer, src_mip=src_mip, dst_mip=dst_mip)
         clusters = _cluster_config(None, cluster_config, dask_address)
-        ensure_local_api(params.layer)
-        with cluster(clusters) as address, _ChunkBars():
+        with api_and_cluster(params.layer, clusters) as address, _ChunkBars():
             summary = run_stage(downsample_flow, params, address)
     except (ValidationError, SectionflowError, StorageIOError) as exc:
         _fail(exc)

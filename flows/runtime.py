@@ -23,6 +23,7 @@
   heartbeats against 0.2 s without (5 nested no-op subflows), the fixed cost that dominated a rerun.
   The parent's heartbeat still marks the process alive; a stage run on its own (``sectionflow
   normalize ...``) keeps its heartbeat.
+* :func:`api_and_cluster` - both of the above started side by side (what the CLI uses).
 * :func:`ensure_local_api` - when no ``PREFECT_API_URL`` is configured, start Prefect's embedded
   temporary API server once in this process and export its URL, so the dask worker processes
   report to the same API instead of each starting their own. It gives the server
@@ -61,6 +62,7 @@ __all__ = [
     "cluster",
     "dask_client",
     "default_workers",
+    "api_and_cluster",
     "ensure_local_api",
     "local_cluster",
     "run_database_url",
@@ -154,6 +156,7 @@ def _cluster_kwargs(n_workers: int | None, memory_limit: str | float | int = "au
         "processes": True,
         "dashboard_address": None,
         "memory_limit": memory_limit,
+        "preload": ["tasks.preload"],  # the chunk modules, imported as the workers start
     }
 
 
@@ -263,6 +266,28 @@ def cluster(config: ClusterConfig | str | None = None) -> Iterator[str]:
                 yield address
         finally:
             _forget_client(started.scheduler_address)
+
+
+@contextlib.contextmanager
+def api_and_cluster(output: str | None, config: ClusterConfig | str | None = None) -> Iterator[str]:
+    """:func:`ensure_local_api` (``output``: see there) and :func:`cluster` (``config``) started side by
+    side; yields the scheduler address once both are up.
+
+    Both mostly wait for subprocesses (the API's server; the dask workers, which import the chunk
+    modules as they start: ``tasks.preload``), so a command that needs both pays about the longer
+    of the two instead of their sum. An error of either propagates after the other has finished
+    starting (and the cluster has closed).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-api") as pool:
+        api = pool.submit(ensure_local_api, output)
+        try:
+            with cluster(config) as address:
+                api.result()
+                yield address
+        finally:
+            api.exception()  # wait for the API thread (its error, if any, is the one raised above)
 
 
 @contextlib.contextmanager

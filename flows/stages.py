@@ -98,7 +98,7 @@ def _provenance(layer: Layer, description: str, params: AlignParams | Downsample
 def _summary(stage: str, outcomes: list, **extra: Any) -> dict[str, Any]:
     summary = {"stage": stage, **count(outcomes), **extra}
     get_run_logger().info(
-        "%s: %d chunks computed, %d skipped (done by an earlier run)",
+        "%s: %d chunks computed, %d skipped (an earlier run did them)",
         stage, summary["done"], summary["skipped"],
     )
     return summary
