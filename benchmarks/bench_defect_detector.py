@@ -19,12 +19,17 @@ whole section (each section fits one detect chunk at the default ``chunk_xy``, s
 stage's result). Printed per stack: the marked fraction of tissue, max / median over sections,
 and the sections above 0.1 %.
 
-Both with the network's mask alone and with the length rule the pipeline uses (components shorter
-than ``emcore.models.detect.MIN_DEFECT_LENGTH_NM`` dropped). Targets: IoU >= 0.7, false-positive
-area <= 0.1 % on clean sections.
+Rows: the network's mask alone; with the length rule (components shorter than
+``emcore.models.detect.MIN_DEFECT_LENGTH_NM`` dropped); with the length and the contrast rule (also
+bright components less than ``emcore.models.detect.MIN_BRIGHT_CONTRAST`` tissue std brighter than
+the tissue around them dropped): the pipeline's mask. Targets: IoU >= 0.7, false-positive area
+<= 0.1 % on clean sections.
+
+``--sections training``: the synthetic rows on the training sections instead of the held-out ones
+(where the contrast rule's threshold was chosen; use ``--defects 1``, it is 72 sections).
 
     .venv/bin/python -m benchmarks.bench_defect_detector [--seed S] [--defects N] [--threshold T]
-        [--no-real] [--resolution full|half]
+        [--no-real] [--resolution full|half] [--sections held-out|training]
 """
 
 from __future__ import annotations
@@ -39,15 +44,27 @@ import numpy as np
 import torch
 
 from emcore.models import load_model
-from emcore.models.detect import MIN_DEFECT_LENGTH_NM, detect_defects, min_length_px
+from emcore.models.detect import MIN_BRIGHT_CONTRAST, MIN_DEFECT_LENGTH_NM, detect_defects, min_length_px
 from emcore.models.detector_training import DETECTOR_RECIPE, evaluate_detector
+from emcore.models.em_data import training_sections
 
 FP_TARGET = 0.001  # fraction of tissue
 REAL_STACKS = (("medulla", 64), ("vnc", 20))
+#: Row name -> (length rule nm, contrast rule tissue std); None = not applied.
+Rules = dict[str, tuple[float | None, float | None]]
+
+
+def pipeline_rules() -> Rules:
+    """The benchmark's rows: the network alone, + the length rule, + the contrast rule (the pipeline)."""
+    return {
+        "network": (None, None),
+        f"+ length >= {MIN_DEFECT_LENGTH_NM / 1000:g} um": (MIN_DEFECT_LENGTH_NM, None),
+        f"+ contrast >= {MIN_BRIGHT_CONTRAST:g} std": (MIN_DEFECT_LENGTH_NM, MIN_BRIGHT_CONTRAST),
+    }
 
 
 def real_clean_fractions(
-    model: object, work: Path, threshold: float, rules: dict[str, float | None], resolution: str = "full"
+    model: object, work: Path, threshold: float, rules: Rules, resolution: str = "full"
 ) -> dict[str, dict[str, object]]:
     """Per stack: detection mip / nm and, per rule, the marked tissue fraction of every section."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -82,9 +99,11 @@ def real_clean_fractions(
                 image = torch.from_numpy(normalized.read(normalized.bounds(mip), mip))  # (Z, 1, Y, X)
                 tissue = (image != 0).flatten(1).sum(1).clamp(min=1)
                 row: dict[str, object] = {"mip": mip, "nm": resolutions[mip], "sections": image.shape[0]}
-                for name, length_nm in rules.items():
+                for name, (length_nm, contrast) in rules.items():
                     rule = None if length_nm is None else min_length_px(resolutions[mip], length_nm)
-                    marked = detect_defects(image, model, threshold=threshold, min_length=rule)
+                    marked = detect_defects(
+                        image, model, threshold=threshold, min_length=rule, min_bright_contrast=contrast
+                    )
                     row[name] = (marked.flatten(1).sum(1) / tissue).numpy()
                 out[stack] = row
     return out
@@ -100,24 +119,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the clean real sections of both shared stacks (3-4 min here)")  # fmt: skip
     parser.add_argument("--resolution", choices=("full", "half"), default="full", help="of the real stacks")
     parser.add_argument("--work", default=None, help="folder for the imported stacks (default: temporary)")
+    parser.add_argument("--sections", choices=("held-out", "training"), default="held-out",
+                        help="sections of the synthetic rows")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model(args.model)
-    rules = {"network": None, f"+ length >= {MIN_DEFECT_LENGTH_NM / 1000:g} um": MIN_DEFECT_LENGTH_NM}
+    rules = pipeline_rules()
+    sections = None
+    if args.sections == "training":
+        sections = {s.dataset: training_sections(s.dataset) for s in DETECTOR_RECIPE.sources}
+    count = sum(len(v) for v in sections.values()) if sections else 12
     start = time.perf_counter()
     metrics = {
         name: evaluate_detector(
             model, DETECTOR_RECIPE, seed=args.seed, threshold=args.threshold,
-            defects_per_section=args.defects, min_length_nm=length,
+            defects_per_section=args.defects, min_length_nm=length, min_bright_contrast=contrast,
+            sections=sections,
         )
-        for name, length in rules.items()
+        for name, (length, contrast) in rules.items()
     }  # fmt: skip
     print(
         f"# bench_defect_detector: {args.model}, threshold {args.threshold}, seed {args.seed}, "
-        f"{args.defects} defects x 12 held-out sections ({time.perf_counter() - start:.0f} s)"
+        f"{args.defects} defects x {count} {args.sections} sections ({time.perf_counter() - start:.0f} s)"
     )
     head = f"{'precision':>9} {'recall':>7} {'IoU':>6} {'IoU med':>8} {'clean FP %':>10}"
-    print(f"{'synthetic (held out)':34} {head}")
+    print(f"{'synthetic (' + args.sections + ')':34} {head}")
     for name, m in metrics.items():
         for label, suffix in (("plain", ""), ("artifacts", "_artifacts")):
             print(

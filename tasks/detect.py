@@ -5,6 +5,8 @@
 chunk is measured over at least that length), runs :func:`emcore.models.detect.detect_defects`
 (the shipped ``defect_detector``, trained on normalized sections at 30-50 nm/px, with the length
 rule: marked components shorter than :data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM` are
+dropped, and with the contrast rule: bright components less than
+:data:`emcore.models.detect.MIN_BRIGHT_CONTRAST` tissue std brighter than the tissue around them are
 dropped), crops the context and writes
 the mask (uint8, 1 = defect) into ``<out>/masks/detected`` at that mip and, repeated pixel by
 pixel, at every finer mip down to 0 (the defects layer has the source's geometry, and stages read
@@ -26,7 +28,13 @@ import torch
 from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.models import Model, load_model
-from emcore.models.detect import DEFAULT_THRESHOLD, MIN_DEFECT_LENGTH_NM, detect_defects, min_length_px
+from emcore.models.detect import (
+    DEFAULT_THRESHOLD,
+    MIN_BRIGHT_CONTRAST,
+    MIN_DEFECT_LENGTH_NM,
+    detect_defects,
+    min_length_px,
+)
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
@@ -60,15 +68,18 @@ def detect_chunk_task(
     pad: int,
     threshold: float = DEFAULT_THRESHOLD,
     min_length_nm: float = MIN_DEFECT_LENGTH_NM,
+    min_bright_contrast: float | None = MIN_BRIGHT_CONTRAST,
 ) -> ChunkOutcome:
     """Detect defects on ``box`` (one section, voxels at ``mip``) and write the mask at ``mip`` .. 0.
 
-    ``min_length_nm``: the length rule (0 = none). The outcome's detail holds ``z`` and ``marked``
-    (defect pixels at ``mip``).
+    ``min_length_nm``: the length rule (0 = none); ``min_bright_contrast``: the contrast rule,
+    tissue std (``None`` = none). The outcome's detail holds ``z`` and ``marked`` (defect pixels
+    at ``mip``).
     """
     marker = ChunkMarker(output, "detect", f"{box}@{mip}", (normalized,),
                          {"mip": mip, "pad": pad, "threshold": threshold, "model": DETECTOR,
-                          "min_length_nm": min_length_nm})  # fmt: skip
+                          "min_length_nm": min_length_nm,
+                          "min_bright_contrast": min_bright_contrast})  # fmt: skip
     previous = marker.read_extra()
     if previous is not None:
         return ChunkOutcome("detect", str(box), "skipped", previous)
@@ -76,7 +87,8 @@ def detect_chunk_task(
     min_length = min_length_px(layer.resolution(mip)[0], min_length_nm) if min_length_nm > 0 else None
     pad = max(pad, math.ceil(min_length or 0))
     image = read_tensor(layer, box, mip, pad=pad)  # (1, 1, Y + 2 pad, X + 2 pad)
-    mask = detect_defects(image, _detector(), threshold=threshold, min_length=min_length)
+    mask = detect_defects(image, _detector(), threshold=threshold, min_length=min_length,
+                          min_bright_contrast=min_bright_contrast)  # fmt: skip
     if pad:
         mask = mask[..., pad:-pad, pad:-pad]
     out = open_layer(output)

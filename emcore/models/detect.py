@@ -22,6 +22,19 @@ shared stacks every component the network marks on clean sections is a dark, smo
 profile of at most 33 px (1.3 um) at 40 nm/px; on held-out synthetic sections no whole defect is
 that short (the shortest found is 46 px; only pieces of bands broken up by strong artifacts are).
 A real fold shorter than 1.6 um is not reported (see the weights README).
+
+Contrast rule (``min_bright_contrast`` of :func:`detect_defects`; the pipeline passes
+:data:`MIN_BRIGHT_CONTRAST` = 1.6 tissue std): a marked component brighter than the tissue mean
+(its mean above 0: resin-like; a fold band, drawn 1.5-3 std below the mean, is not) is kept only if its
+mean is at least ``min_bright_contrast`` above the mean of the tissue within
+:data:`CONTRAST_RING_PX` px around it (:func:`component_contrasts`). Resin is the brightest thing in
+a section (it takes no stain), so a resin-filled crack stands out from the tissue on both sides of
+it; a large bright cell process that the network takes for resin under blur and a brightness
+gradient does not: part of the ring around the marked part is the same bright process. Dark
+components are not touched (their contrast does not separate fold bands from dark cell profiles).
+1.6 was chosen on training sections with the artifact augmentation (the largest value that loses at
+most 0.5 % of the true-positive pixels there); see the weights README ("Clean sections with
+artifacts").
 """
 
 from __future__ import annotations
@@ -36,11 +49,15 @@ from emcore.models.encode import encode_tiled
 from emcore.models.format import Model
 
 __all__ = [
+    "CONTRAST_RING_PX",
     "DEFAULT_THRESHOLD",
+    "MIN_BRIGHT_CONTRAST",
     "MIN_DEFECT_LENGTH_NM",
+    "component_contrasts",
     "component_lengths",
     "defect_probability",
     "detect_defects",
+    "drop_faint_bright_components",
     "drop_short_components",
     "min_length_px",
 ]
@@ -48,6 +65,10 @@ __all__ = [
 DEFAULT_THRESHOLD = 0.5
 #: The shortest marked component the pipeline keeps, in nm (1.6 um: 40 px at 40 nm/px).
 MIN_DEFECT_LENGTH_NM = 1600.0
+#: How much brighter than the tissue around it (tissue std) a bright marked component must be.
+MIN_BRIGHT_CONTRAST = 1.6
+#: The ring around a component whose tissue it is compared with, px at the detection mip.
+CONTRAST_RING_PX = 3
 
 
 def min_length_px(resolution_nm: float, length_nm: float = MIN_DEFECT_LENGTH_NM) -> float:
@@ -89,10 +110,7 @@ def drop_short_components(mask: torch.Tensor, min_length: float) -> torch.Tensor
     Components and lengths are per section (:func:`component_lengths`); ``min_length <= 1``
     keeps everything.
     """
-    if mask.ndim != 4 or mask.shape[1] != 1 or mask.dtype != torch.bool:
-        raise ValueError(
-            f"drop_short_components needs a bool (N, 1, H, W) mask, got {mask.dtype} {tuple(mask.shape)}"
-        )
+    _check_mask(mask, "drop_short_components")
     if min_length <= 1.0 or not mask.any():
         return mask
     out = mask.clone()
@@ -100,6 +118,70 @@ def drop_short_components(mask: torch.Tensor, min_length: float) -> torch.Tensor
         labels, lengths = component_lengths(mask[i, 0].numpy())
         short = np.concatenate(([False], lengths < min_length))
         out[i, 0] &= torch.from_numpy(~short[labels])
+    return out
+
+
+def _check_mask(mask: torch.Tensor, what: str) -> None:
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.dtype != torch.bool:
+        raise ValueError(f"{what} needs a bool (N, 1, H, W) mask, got {mask.dtype} {tuple(mask.shape)}")
+
+
+def component_contrasts(
+    image: np.ndarray, labels: np.ndarray, ring_px: int = CONTRAST_RING_PX
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean image value of each labelled component and of the tissue in a ring around it.
+
+    Args:
+        image: ``(H, W)`` normalized section (tissue std units), 0 = no data.
+        labels: ``(H, W)`` int, 0 = background, ``k`` = component ``k`` (:func:`component_lengths`).
+        ring_px: ring radius (px, Euclidean): the tissue pixels (nonzero) within ``ring_px`` of the
+            component and not in it.
+
+    Returns:
+        ``(inside, ring)`` float64 ``(K,)``; ``ring[k - 1]`` is NaN where the ring holds no tissue.
+    """
+    disk = np.hypot(*np.mgrid[-ring_px : ring_px + 1, -ring_px : ring_px + 1]) <= ring_px
+    height, width = labels.shape
+    boxes = ndimage.find_objects(labels)
+    inside, ring = np.zeros(len(boxes)), np.full(len(boxes), np.nan)
+    for k, box in enumerate(boxes, start=1):
+        if box is None:
+            inside[k - 1] = np.nan
+            continue
+        y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
+        y1, x1 = min(box[0].stop + ring_px, height), min(box[1].stop + ring_px, width)
+        part, img = labels[y0:y1, x0:x1] == k, image[y0:y1, x0:x1]
+        around = ndimage.binary_dilation(part, structure=disk) & ~part & (img != 0)
+        inside[k - 1] = float(img[part].mean())
+        if around.any():
+            ring[k - 1] = float(img[around].mean())
+    return inside, ring
+
+
+def drop_faint_bright_components(
+    mask: torch.Tensor, image: torch.Tensor, min_contrast: float, ring_px: int = CONTRAST_RING_PX
+) -> torch.Tensor:
+    """``mask`` ``(N, 1, H, W)`` bool without its bright components that do not stand out.
+
+    A component (8-connected, per section) whose mean in ``image`` (``(N, 1, H, W)`` normalized,
+    tissue mean 0 / std 1) is above 0 is dropped when that mean is less than ``min_contrast`` above
+    the mean of the tissue within ``ring_px`` px around it (:func:`component_contrasts`); dark
+    components (mean <= 0) and components without tissue around them are kept.
+    """
+    _check_mask(mask, "drop_faint_bright_components")
+    if image.shape != mask.shape or not image.is_floating_point():
+        raise ValueError(
+            f"drop_faint_bright_components needs a float image of the mask's shape {tuple(mask.shape)}, "
+            f"got {image.dtype} {tuple(image.shape)}"
+        )
+    if not mask.any():
+        return mask
+    out = mask.clone()
+    for i in range(mask.shape[0]):
+        labels, _ = ndimage.label(mask[i, 0].numpy(), structure=np.ones((3, 3), dtype=bool))
+        inside, ring = component_contrasts(image[i, 0].numpy(), labels, ring_px)
+        faint = (inside > 0) & (inside - ring < min_contrast)  # NaN ring: not faint
+        out[i, 0] &= torch.from_numpy(~np.concatenate(([False], faint))[labels])
     return out
 
 
@@ -127,9 +209,10 @@ def detect_defects(
     threshold: float = DEFAULT_THRESHOLD,
     tile: int | None = 256,
     min_length: float | None = None,
+    min_bright_contrast: float | None = None,
 ) -> torch.Tensor:
     """Boolean defect mask ``(N, 1, H, W)``: probability above ``threshold`` on tissue, without
-    components shorter than ``min_length`` px.
+    components shorter than ``min_length`` px and bright ones fainter than ``min_bright_contrast``.
 
     Args:
         image: ``(N, 1, H, W)`` float normalized sections, 0 = no data, at the model's resolution.
@@ -137,9 +220,16 @@ def detect_defects(
         threshold: probability above which a pixel is a defect (0 < threshold < 1).
         tile: output tile size in px for the tiled run (``None`` = whole image at once).
         min_length: the length rule, px at the image's resolution (the pipeline passes
-            ``min_length_px(resolution_nm)``); ``None`` = no length rule, the network's mask.
+            ``min_length_px(resolution_nm)``); ``None`` = no length rule.
+        min_bright_contrast: the contrast rule, tissue std (the pipeline passes
+            :data:`MIN_BRIGHT_CONTRAST`; :func:`drop_faint_bright_components`); ``None`` = none.
+            Both ``None``: the network's mask.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     mask = defect_probability(image, model, tile=tile) > threshold
-    return mask if min_length is None else drop_short_components(mask, min_length)
+    if min_length is not None:
+        mask = drop_short_components(mask, min_length)
+    if min_bright_contrast is not None:
+        mask = drop_faint_bright_components(mask, image, min_bright_contrast)
+    return mask

@@ -228,6 +228,24 @@ def train_detector(
     return net.eval(), history
 
 
+def _detect(
+    model: object,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    threshold: float,
+    min_length: float | None,
+    min_bright_contrast: float | None,
+) -> torch.Tensor:
+    """:func:`emcore.models.detect.detect_defects` on ``prepare(images)``, its contrast rule on
+    ``images`` themselves (the normalized sections, also when the detector reads encodings)."""
+    from emcore.models.detect import detect_defects, drop_faint_bright_components
+
+    marked = detect_defects(prepare(images), model, threshold=threshold, min_length=min_length)
+    if min_bright_contrast is None:
+        return marked
+    return drop_faint_bright_components(marked, images, min_bright_contrast)
+
+
 def evaluate_detector(
     model: object,
     recipe: DetectorRecipe = DETECTOR_RECIPE,
@@ -236,13 +254,18 @@ def evaluate_detector(
     threshold: float = 0.5,
     defects_per_section: int = 4,
     min_length_nm: float | None = None,
+    min_bright_contrast: float | None = None,
+    sections: dict[str, Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """Pixel metrics of ``model`` on the held-out sections (:data:`emcore.models.em_data.HELD_OUT`).
 
     ``min_length_nm``: the length rule of :func:`emcore.models.detect.detect_defects` (components
     shorter than this are dropped; the pipeline uses
     :data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM`), converted to px at each source's
-    resolution; ``None`` = the network's mask alone.
+    resolution; ``min_bright_contrast``: its contrast rule (the pipeline uses
+    :data:`emcore.models.detect.MIN_BRIGHT_CONTRAST`); ``None`` = no such rule. ``sections``: per
+    dataset, other sections than the held-out ones (e.g. the training sections, to choose a rule
+    on sections that are not reported).
 
     Synthetic defects (the recipe's, ``defects_per_section`` per held-out section, seeded by
     ``seed``), on whole sections, without and with artifacts; targets as in training. Returns
@@ -251,7 +274,7 @@ def evaluate_detector(
     on the clean held-out sections (no defect), without / with artifacts. Keys with
     ``_artifacts`` are the same with artifacts added.
     """
-    from emcore.models.detect import detect_defects, min_length_px
+    from emcore.models.detect import min_length_px
 
     gen = torch.Generator().manual_seed(seed + 7)
     prepare = _inputs(recipe)
@@ -266,7 +289,7 @@ def evaluate_detector(
             pool = defect_pool(
                 replace(recipe, defects_per_section=defects_per_section),
                 source,
-                HELD_OUT[source.dataset],
+                (HELD_OUT if sections is None else sections)[source.dataset],
                 seed=seed + k,
             )
             images, targets, clean = pool.images, pool.targets, pool.clean
@@ -274,14 +297,14 @@ def evaluate_detector(
                 images = add_artifacts(images, gen, settings)
                 targets = targets & (images != 0)
                 clean = add_artifacts(clean, gen, settings)
-            marked = detect_defects(prepare(images), model, threshold=threshold, min_length=rule)
+            marked = _detect(model, prepare, images, threshold, rule, min_bright_contrast)
             tp += int((marked & targets).sum())
             fp += int((marked & ~targets).sum())
             fn += int((~marked & targets).sum())
             inter = (marked & targets).flatten(1).sum(1).float()
             union = (marked | targets).flatten(1).sum(1).float()
             per_case.append(inter[union > 0] / union[union > 0])
-            clean_mask = detect_defects(prepare(clean), model, threshold=threshold, min_length=rule)
+            clean_mask = _detect(model, prepare, clean, threshold, rule, min_bright_contrast)
             clean_marked += int(clean_mask.sum())
             clean_tissue += int((clean != 0).sum())
         out["precision" + suffix] = tp / max(tp + fp, 1)
