@@ -24,7 +24,9 @@ Each stack runs in its own process with its own Prefect database (``PREFECT_HOME
 the results folder, the embedded temporary API) and one LocalCluster (2 workers x 1 thread), and
 runs ``align_stack`` twice on it: the first run, then a rerun where every chunk is skipped. Reported:
 
-* wall time of the first run, and per Mpx of the stack (mip 0 px x sections);
+* start-up: Prefect's API and the cluster started side by side as the CLI starts them
+  (:func:`flows.runtime.api_and_cluster`; the workers import the chunk modules then, ``tasks.preload``);
+* wall time of the first run (after start-up), and per Mpx of the stack (mip 0 px x sections);
 * the rerun's wall time and the orchestration overhead per chunk: the rerun's stage time (the sum of
   the stages' own durations, without the report) / its chunks;
 * Prefect task runs per align-stack run, counted in the run's own database (``task_run`` table);
@@ -136,18 +138,18 @@ def run_case(size: int, sections: int, mode: str, num_iter: int) -> dict[str, An
     """Two ``align_stack`` runs of one case in this process (env set by :func:`main`)."""
     from flows.align_stack import align_stack
     from flows.params import AlignParams
-    from flows.runtime import ClusterConfig, cluster, ensure_local_api
+    from flows.runtime import ClusterConfig, api_and_cluster
 
     source = build_stack(size, sections)
     out = RESULTS / f"out_{size}x{sections}_{mode}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     params = AlignParams(source=source, output=str(out), coarse_mip=3, finetune_mip=2, render_mip=0,
                          chunk_xy=128, pad=32, neighbours=2, num_iter=num_iter)  # fmt: skip
-    ensure_local_api()
     db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
     sampler = _RssSampler()
     sampler.start()
-    with cluster(ClusterConfig(n_workers=2)) as address:
+    start = time.perf_counter()
+    with api_and_cluster(None, ClusterConfig(n_workers=2)) as address:  # as the CLI starts them
         t0 = time.perf_counter()
         first = align_stack(params, dask_address=address)
         t1 = time.perf_counter()
@@ -162,7 +164,7 @@ def run_case(size: int, sections: int, mode: str, num_iter: int) -> dict[str, An
     return {
         "size": size, "sections": sections, "mode": mode, "num_iter": num_iter,
         "mpx": size * size * sections / 1e6, "chunks": chunks,
-        "first_s": t1 - t0, "rerun_s": t3 - t2,
+        "startup_s": t0 - start, "first_s": t1 - t0, "rerun_s": t3 - t2,
         "rerun_stage_s": sum(rerun[s]["seconds"] for s in stages),
         "rerun_computed": sum(rerun[s]["done"] for s in stages),
         "first_stage_s": {s: first[s]["seconds"] for s in stages},
@@ -240,14 +242,15 @@ def noop_table(rows: list[dict[str, Any]]) -> str:
 # -- the table -------------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| stack (px x sections) | design | chunks | first run s | s / Mpx | rerun s | overhead ms / chunk "
-        "| Prefect task runs (first / rerun) | peak RSS worker / client MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stack (px x sections) | design | chunks | start-up s | first run s | s / Mpx | rerun s "
+        "| overhead ms / chunk | Prefect task runs (first / rerun) | peak RSS worker / client MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         design = NAMES[r["mode"]]
         lines.append(
-            f"| {r['size']}^2 x {r['sections']} | {design} | {r['chunks']} | {r['first_s']:.1f} "
+            f"| {r['size']}^2 x {r['sections']} | {design} | {r['chunks']} "
+            f"| {r.get('startup_s', float('nan')):.1f} | {r['first_s']:.1f} "
             f"| {r['first_s'] / r['mpx']:.2f} | {r['rerun_s']:.1f} "
             f"| {1e3 * r['rerun_stage_s'] / max(r['chunks'], 1):.1f} "
             f"| {r['task_runs_first']} / {r['task_runs_rerun']} "
