@@ -36,7 +36,9 @@ Methods:
 
 Metrics (:mod:`emcore.stack_quality`; evaluation mask: pixels at least 5% of the section side from
 the edge and, for the misaligned cases, whose true field reads at least 2 px inside the section):
-rotation drift (max - min rotation of each ``G[z]``'s affine part, deg; case a), non-affine p95
+rotation range (max - min rotation of each ``G[z]``'s affine part, deg; case a) and its linear
+trend along z (``emcore.stack_quality.linear_trend``: drift that accumulates, where one turned
+section only widens the range), non-affine p95
 (``|G - affine|``, mean over sections of the per-section p95, px; case a), seam ratio (pooled over
 sections at the run's ``chunk_xy`` grid; NaN = one chunk per section, no border), Jacobian outliers
 (% of pixels with ``det(I + dG/dp)`` outside [0.5, 2]; folded = < 0), residual vs truth median /
@@ -374,6 +376,7 @@ def metrics(fields: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, chunk
     res = residual_vs_truth(fields, truth, mask)
     return {
         "drift_deg": drift.drift_deg,
+        "trend_deg": drift.trend_deg,
         "rotation_series_deg": list(drift.series_deg),
         "non_affine_p95": float(np.mean(na_p95)),
         "non_affine_p95_series": na_p95,
@@ -404,12 +407,13 @@ def _pair(row: dict[str, Any], key: str, fmt: str = ".2f") -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One table: rows stack x resolution x case; each cell "sectionflow / elastix"."""
     head = (
-        "| stack | res | case | finetune mip (nm/px, px) | rot. drift ° (≤ 0.1) | non-affine p95 px (≤ 0.5) "
+        "| stack | res | case | finetune mip (nm/px, px) | rot. range ° (≤ 0.1) | rot. trend ° "
+        "| non-affine p95 px (≤ 0.5) "
         "| seam ratio (≤ 1.3) | Jacobian outliers % (folded %) | residual median px (≤ 0.1× input; "
         "elastic 0.2×) | residual p95 px (≤ 1.5; elastic 3.0) | plain residual median px | input median px "
         "| s / section | s / Mpx |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         plan = r.get("plan", {})
         where = f"{plan.get('finetune_mip', '?')} ({_f(plan.get('finetune_nm'), 'g')}, "
@@ -426,6 +430,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             r["case"],
             where,
             _pair(r, "drift_deg", ".3f") if registered else "–",
+            _pair(r, "trend_deg", "+.3f") if registered else "–",
             _pair(r, "non_affine_p95") if registered else "–",
             _pair(r, "seam_ratio"),
             jac,

@@ -24,8 +24,9 @@ API summary
   ``[0.5, 2]``, fraction ``< 0`` = folded).
 * :func:`seam_score` -> :class:`SeamScore` (median field jump across processing-chunk borders /
   median jump elsewhere: 1.0 = no seam).
-* :func:`rotation_drift` -> :class:`RotationDrift` (max - min rotation over the stack, per-section
-  series, deg).
+* :func:`rotation_drift` -> :class:`RotationDrift` (max - min rotation over the stack, its linear
+  trend along z, per-section series, deg); :func:`linear_trend` (what a least-squares line through
+  a series changes by over the stack).
 * :func:`residual_vs_truth` -> :class:`TruthResidual` (``|G - G_true|`` median / p95 after removing
   the one global rigid transform between the estimated and the true stack frame, and without).
 * :func:`section_metrics` -> one dict per section with all of the above (for reports and tables).
@@ -37,6 +38,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from emcore.affine import (
@@ -59,6 +61,7 @@ __all__ = [
     "decompose",
     "jacobian_outliers",
     "non_affine",
+    "linear_trend",
     "residual_vs_truth",
     "rotation_drift",
     "seam_score",
@@ -314,14 +317,33 @@ def seam_score(
 
 @dataclass(frozen=True)
 class RotationDrift:
-    """Rotation of each section's affine part (deg, ``(Z,)``) and its range ``max - min`` (deg)."""
+    """Rotation of each section's affine part (deg, ``(Z,)``), its range ``max - min`` (deg) and its
+    trend: the change of the least-squares line through the series from the first to the last
+    section (deg, :func:`linear_trend`).
+
+    The two differ where one section is turned against both neighbours (its correction widens the
+    range, not the trend) and agree where the rotation accumulates along z (drift bends the stack).
+    """
 
     drift_deg: float
     series_deg: tuple[float, ...]
+    trend_deg: float = 0.0
+
+
+def linear_trend(values: Sequence[float], positions: Sequence[float] | None = None) -> float:
+    """Slope of the least-squares line through ``values`` at ``positions`` (default ``0 .. n-1``)
+    times the positions' extent (``max - min``): the change along the stack that the line says.
+    0.0 for fewer than two values."""
+    y = np.asarray(values, dtype=np.float64)
+    x = np.arange(len(y), dtype=np.float64) if positions is None else np.asarray(positions, np.float64)
+    if len(y) < 2 or np.ptp(x) == 0:
+        return 0.0
+    xc = x - x.mean()
+    return float((xc @ (y - y.mean())) / (xc @ xc) * np.ptp(x))
 
 
 def rotation_drift(matrices: torch.Tensor | Sequence[torch.Tensor]) -> RotationDrift:
-    """Range of the affine rotation over a stack.
+    """Range and linear trend of the affine rotation over a stack (sections equally spaced).
 
     Args:
         matrices: ``(Z, 2, 3)`` affine displacement matrices (e.g. :func:`affine_part` of each
@@ -335,7 +357,7 @@ def rotation_drift(matrices: torch.Tensor | Sequence[torch.Tensor]) -> RotationD
     angles = tuple(
         math.degrees(math.atan2(float(m[1, 0]), 1.0 + float(m[0, 0]))) for m in ms
     )
-    return RotationDrift(max(angles) - min(angles), angles)
+    return RotationDrift(max(angles) - min(angles), angles, linear_trend(angles))
 
 
 # ----------------------------------------------------------------------------------------------

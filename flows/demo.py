@@ -215,7 +215,8 @@ def residual_line(summary: dict[str, Any]) -> str:
         parts.append(f"neighbour correlation {cb:.3f} -> {ca:.3f}")
     if "rotation_drift_deg" in summary:
         parts.append(
-            f"rotation drift {summary['rotation_drift_deg']:.3f} deg, non-affine p95 "
+            f"rotation range {summary['rotation_drift_deg']:.3f} deg "
+            f"(trend {summary.get('rotation_trend_deg', math.nan):+.3f}), non-affine p95 "
             f"{summary['non_affine_p95_mean_px']:.2f} px, seam ratio {summary['seam_ratio_median']:.2f}"
         )
     return "; ".join(parts)

@@ -28,7 +28,7 @@ import torch
 from cloudfiles import CloudFiles
 
 from emcore.pictures import line_plot, red_cyan, save_png, side_by_side, thumbnail
-from emcore.stack_quality import section_metrics
+from emcore.stack_quality import linear_trend, section_metrics
 
 __all__ = ["FLAG_RULES", "StackSection", "stack_section"]
 
@@ -115,6 +115,7 @@ def stack_section(
     rotations = [metrics[i]["rotation_deg"] for i in solid]
     out.summary = {
         "rotation_drift_deg": max(rotations) - min(rotations) if rotations else math.nan,
+        "rotation_trend_deg": linear_trend(rotations, [zs[i] for i in solid]) if rotations else math.nan,
         "non_affine_p95_mean_px": float(np.mean(na95)) if na95 else math.nan,
         "seam_ratio_median": float(np.median(seams)) if seams else math.nan,
         "jacobian_outside_max": max((metrics[i]["jacobian_outside"] for i in solid), default=0.0),
@@ -149,7 +150,10 @@ def _markdown(out: StackSection, zs: list[int], blank: list[int], mip: int) -> l
         "",
         f"Rotation range of the final fields over the stack: **{s['rotation_drift_deg']:.3f} deg** "
         f"(max - min of the affine part's rotation: on a registered stack this is invented drift; on a "
-        f"misaligned one it is the correction); non-affine p95, mean over sections: "
+        f"misaligned one it is the correction); its linear trend along z: "
+        f"**{s['rotation_trend_deg']:+.3f} deg** (what a line through the rotations changes by from the "
+        f"first section to the last: drift that bends the stack, where one turned section only widens "
+        f"the range); non-affine p95, mean over sections: "
         f"**{s['non_affine_p95_mean_px']:.2f} px** (mip {mip}); seam ratio at chunk borders, median: "
         f"**{s['seam_ratio_median']:.2f}** (1.0 = no seam).",
         "",

@@ -13,6 +13,7 @@ from emcore.stack_quality import (
     affine_part,
     decompose,
     jacobian_outliers,
+    linear_trend,
     non_affine,
     residual_vs_truth,
     rotation_drift,
@@ -96,6 +97,24 @@ def test_rotation_drift_is_max_minus_min() -> None:
     drift = rotation_drift(ms)
     assert drift.drift_deg == pytest.approx(0.30, abs=1e-4)
     assert drift.series_deg == pytest.approx(angles, abs=1e-4)
+
+
+def test_rotation_trend_tells_drift_from_one_turned_section() -> None:
+    # Drift: 0.05 deg per section accumulates to 0.25 deg over 6 sections; range and trend agree.
+    drifting = [0.05 * z for z in range(6)]
+    ms = torch.stack([affine_part(affine_field(H, W, rotation_deg=a)) for a in drifting])
+    drift = rotation_drift(ms)
+    assert drift.drift_deg == pytest.approx(0.25, abs=1e-4)
+    assert drift.trend_deg == pytest.approx(0.25, abs=1e-4)
+    # One section turned by 0.2 deg in the middle of a still stack: the range sees it, the trend not.
+    turned = [0.0, 0.0, 0.2, 0.0, 0.0]
+    ms = torch.stack([affine_part(affine_field(H, W, rotation_deg=a)) for a in turned])
+    drift = rotation_drift(ms)
+    assert drift.drift_deg == pytest.approx(0.2, abs=1e-4)
+    assert abs(drift.trend_deg) < 1e-4
+    # Positions: the slope is per unit of position, times their extent.
+    assert linear_trend([0.0, 1.0, 2.0], [0, 10, 20]) == pytest.approx(2.0)
+    assert linear_trend([1.0]) == 0.0
 
 
 def _truth_stack(z: int = 4) -> torch.Tensor:
