@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from emcore.layers import open_layer
 from flows.cli import app
-from flows.runtime import ClusterConfig, cluster
+from flows.runtime import ClusterConfig, api_and_cluster, cluster
 from tests.flows.conftest import TINY
 
 STAGE_SETTINGS = [f"--set={k}={v}" for k, v in TINY.items()]
@@ -41,7 +41,8 @@ def external_cluster(tmp_path: Path, prefect_api: str) -> Iterator[tuple[str, Pa
             time.sleep(0.1)
         address = json.loads(info.read_text())["address"]
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dask", "worker", "--nthreads", "1", "--memory-limit", "2GiB", *common],
+            [sys.executable, "-m", "dask", "worker", "--nthreads", "1", "--memory-limit", "2GiB",
+             "--preload", "tasks.preload", *common],
             cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         from distributed import Client
 
@@ -109,3 +110,22 @@ def test_bad_cluster_section_is_a_clear_error(tmp_path, tiny_stack):
                                       str(tmp_path / "o"), *STAGE_SETTINGS, "--cluster-config", str(cfg)])
     assert result.exit_code == 2
     assert "need a cluster_class" in " ".join(result.output.split())
+
+
+def _chunk_modules_loaded() -> bool:
+    return all(name in sys.modules for name in ("torch", "tasks.finetune", "tasks.render"))
+
+
+def test_api_and_default_cluster_workers_import_the_chunk_modules_at_start(prefect_api):
+    from distributed import Client
+
+    with api_and_cluster(None, ClusterConfig(n_workers=1)) as address, Client(address) as client:
+        assert os.environ["PREFECT_API_URL"] == prefect_api  # a configured API is kept
+        loaded = client.run(_chunk_modules_loaded)  # before any chunk ran there
+    assert list(loaded.values()) == [True]
+
+
+def test_api_and_cluster_passes_a_cluster_error_on(prefect_api):
+    bad = ClusterConfig(cluster_class="distributed.LocalCluster", cluster_kwargs={"no_such_option": 1})
+    with pytest.raises(Exception, match="no_such_option|Nanny failed to start"), api_and_cluster(None, bad):
+        pass
