@@ -14,7 +14,8 @@ One dask task runs a *group* of consecutive chunks of a block, one after the oth
 (:func:`run_chunk_group`; :func:`chunks_per_task` sets the group size): a dask task costs ~3-4 ms
 of scheduling on a small machine, more than a skipped chunk's marker check (~0.15 ms), so one task
 per chunk made a rerun cost ~5 ms per chunk. Groups are small enough that every worker thread
-still gets about :data:`TASKS_PER_THREAD` of them per block (load balance) and at most
+still gets about :data:`TASKS_PER_THREAD` of them per block (load balance: the last group to finish
+holds about 1/16 of a thread's share of the block) and at most
 :data:`MAX_CHUNKS_PER_TASK` chunks (progress steps, work redone when a worker dies mid-group:
 its finished chunks are kept by their markers). A group's memory is one chunk's: its chunks run
 in turn.
@@ -88,7 +89,7 @@ BLOCK_ENV = "SECTIONFLOW_BLOCK_CHUNKS"
 DEFAULT_BLOCK_CHUNKS = 1024
 BLOCKS_IN_FLIGHT = 4
 GROUP_ENV = "SECTIONFLOW_CHUNKS_PER_TASK"
-TASKS_PER_THREAD = 8  # dask tasks per worker thread and block, at least (load balance)
+TASKS_PER_THREAD = 16  # dask tasks per worker thread and block, at least (load balance)
 MAX_CHUNKS_PER_TASK = 32
 ARTIFACT_EVERY_S = 1.0  # progress artifacts are updated every ~10 %, at most once a second, and at 100 %
 _LOG = logging.getLogger("sectionflow.blocks")

@@ -142,10 +142,10 @@ def test_without_a_current_cluster_a_local_one_is_started_for_the_process():
 
 def test_chunks_per_task_rule(monkeypatch):
     monkeypatch.delenv(GROUP_ENV, raising=False)
-    assert chunks_per_task(257, 2) == 17  # ceil(257 / (2 threads * 8 tasks each))
+    assert chunks_per_task(257, 2) == 9  # ceil(257 / (2 threads * 16 tasks each))
     assert chunks_per_task(10_000, 2) == MAX_CHUNKS_PER_TASK
     assert chunks_per_task(5, 4) == 1
-    assert chunks_per_task(40, 0) == 5  # an adaptive cluster before its first worker: 1 thread
+    assert chunks_per_task(40, 0) == 3  # an adaptive cluster before its first worker: 1 thread
     monkeypatch.setenv(GROUP_ENV, "3")
     assert chunks_per_task(10_000, 2) == 3
     monkeypatch.setenv(GROUP_ENV, "many")
