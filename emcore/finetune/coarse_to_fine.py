@@ -24,9 +24,11 @@ from the top mip down to mip 2, then the loss at mip 0 with jitter 1 px and the 
 grid at mip 4 (16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`), plus
 a detail field at mip 2 near defects so the field can tear at folds and cracks. The bending
 weight of that level is chosen per item on held-out pixels (``Level.bending_candidates``,
-:mod:`emcore.finetune.selection`): stiff (5e3) unless a softer fit (5e2) predicts the held-out
-blocks better and the residual is at the images' noise level. The depth (top mip) follows the
-chunk size and the motion to capture (:func:`pyramid_depth`).
+:mod:`emcore.finetune.selection`): stiff (5e3) unless a softer fit (1e2) predicts the held-out
+blocks better and the residual is at the images' noise level; such pairs (the residual is noise)
+are fitted on both images pre-filtered by a Gaussian of 0.5 px (``Level.prefilter``,
+:mod:`emcore.finetune.prefilter`), pairs whose content differs on the images as they are. The
+depth (top mip) follows the chunk size and the motion to capture (:func:`pyramid_depth`).
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
