@@ -20,6 +20,7 @@ from emcore.finetune.coarse_to_fine import (
     DEFAULT_BENDING_CANDIDATES,
     DEFAULT_GRID_LR,
     DEFAULT_GRID_SM_FACTOR,
+    DEFAULT_PREFILTER,
     default_levels,
     jittered_target,
     pyramid_mips,
@@ -183,6 +184,7 @@ def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
         bending=DEFAULT_BENDING,
         detail_mip=2,
         bending_candidates=DEFAULT_BENDING_CANDIDATES,
+        prefilter=DEFAULT_PREFILTER,
     )
     assert default_levels(512, 512, 4) == [Level(3), Level(2), last]
     assert default_levels(512, 512, 4, sm=200.0)[-1].sm == pytest.approx(20.0)
@@ -198,6 +200,8 @@ def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
         Level(0, jitter=2.0)
     with pytest.raises(ValueError, match="bending_candidates must be a tuple"):
         Level(0, bending_candidates=[500.0])
+    with pytest.raises(ValueError, match="prefilter must be a Gaussian sigma"):
+        Level(0, prefilter=-0.5)
     img = torch.rand(1, 1, 36, 36) + 0.1
     with pytest.raises(ValueError, match="not divisible by 8"):
         finetune(img, img, levels=[Level(0, field_mip=3)])

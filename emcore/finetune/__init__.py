@@ -15,7 +15,9 @@ API summary
   ``DEFAULT_MAX_MOTION``: the measured defaults (see ``benchmarks/README.md``, "Accuracy and speed
   vs peers", for the sweeps). The pyramid depth follows the chunk size and ``max_motion``
   (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
-  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`). With the automatic
+  chosen per item on held-out pixels (:mod:`emcore.finetune.selection`), on images pre-filtered
+  by a small Gaussian where the residual is at the noise level (:mod:`emcore.finetune.prefilter`;
+  such an item's ``loss`` is then that of the filtered images). With the automatic
   depth and ``max_motion`` > 20 px, a pure translation of up to ``max_motion`` is found by
   cross-correlation before the coarsest level (:mod:`emcore.finetune.translation_start`; smaller
   motions run as without it).

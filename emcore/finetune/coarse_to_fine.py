@@ -24,9 +24,11 @@ from the top mip down to mip 2, then the loss at mip 0 with jitter 1 px and the 
 grid at mip 4 (16 px cells) smoothed by the bending energy (:mod:`emcore.finetune.bending`), plus
 a detail field at mip 2 near defects so the field can tear at folds and cracks. The bending
 weight of that level is chosen per item on held-out pixels (``Level.bending_candidates``,
-:mod:`emcore.finetune.selection`): stiff (5e3) unless a softer fit (5e2) predicts the held-out
-blocks better and the residual is at the images' noise level. The depth (top mip) follows the
-chunk size and the motion to capture (:func:`pyramid_depth`).
+:mod:`emcore.finetune.selection`): stiff (5e3) unless a softer fit (2e2) predicts the held-out
+blocks better and the residual is at the images' noise level; such pairs (the residual is noise)
+are fitted on both images pre-filtered by a Gaussian of 0.5 px (``Level.prefilter``,
+:mod:`emcore.finetune.prefilter`), pairs whose content differs on the images as they are. The
+depth (top mip) follows the chunk size and the motion to capture (:func:`pyramid_depth`).
 
 The last level's field is resampled to the input mip (mip 0) if the last level is coarser.
 
@@ -48,6 +50,7 @@ from emcore.field import resample_field, warp
 from emcore.finetune.losses import LossMasks, prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
 from emcore.finetune.parameters import defect_neighbourhood
+from emcore.finetune.prefilter import gaussian_prefilter, gradient_energy_ratio
 from emcore.finetune.selection import (
     MIN_GAIN,
     NOISE_FACTOR,
@@ -66,8 +69,10 @@ __all__ = [
     "DEFAULT_GRID_LR",
     "DEFAULT_GRID_SM_FACTOR",
     "DEFAULT_JITTER",
+    "DEFAULT_PREFILTER",
     "DEFAULT_SMOOTH_FIELD_MIP",
     "DETAIL_RADIUS",
+    "MAX_PREFILTER",
     "MIN_AUTO_LEVELS",
     "Level",
     "coarse_to_fine",
@@ -78,6 +83,11 @@ __all__ = [
     "pyramid_depth",
     "pyramid_mips",
 ]
+
+
+#: Largest accepted :attr:`Level.prefilter` sigma, px (beyond ~1 px the blur removes the texture
+#: that carries the displacement: sigma 1.0 lost on every strain pair, benchmarks/README.md).
+MAX_PREFILTER = 2.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,13 @@ class Level:
         bending_candidates: softer bending weights tried after ``bending`` (each fit starting from
             the previous one); each item keeps the fit with the lowest MSE on held-out blocks
             (:mod:`emcore.finetune.selection`). Empty: one fit with ``bending`` on every pixel.
+        prefilter: with ``bending_candidates``, the sigma (px at ``mip``, 0 = off) of a Gaussian
+            applied to both images of the items that pass the selection's discrepancy check
+            (:mod:`emcore.finetune.prefilter`), before all of that item's fits at this level; their
+            bending weights are multiplied by the loss of gradient energy this causes
+            (:func:`emcore.finetune.prefilter.gradient_energy_ratio`), so ``bending`` and
+            ``bending_candidates`` stay in units of the unfiltered images. Items failing the
+            check are fitted on the images as they are.
     """
 
     mip: int
@@ -127,6 +144,7 @@ class Level:
     bending: float = 0.0
     detail_mip: int | None = None
     bending_candidates: tuple[float, ...] = ()
+    prefilter: float = 0.0
 
     def __post_init__(self) -> None:
         grid = self.field_mip
@@ -142,6 +160,11 @@ class Level:
             and all(isinstance(b, int | float) and math.isfinite(b) and b >= 0 for b in cands)
         ):
             raise ValueError(f"Level.bending_candidates must be a tuple of numbers >= 0, got {cands!r}")
+        pre = self.prefilter
+        if not (isinstance(pre, int | float) and math.isfinite(pre) and 0.0 <= pre <= MAX_PREFILTER):
+            raise ValueError(
+                f"Level.prefilter must be a Gaussian sigma in [0, {MAX_PREFILTER}] px, got {pre!r}"
+            )
         detail = self.detail_mip
         if detail is not None and not (isinstance(detail, int) and self.mip <= detail < self.parameter_mip):
             raise ValueError(
@@ -252,8 +275,13 @@ DEFAULT_JITTER = 1.0
 DEFAULT_BENDING = 5e3
 #: Softer weights the last level tries after :data:`DEFAULT_BENDING`, each item keeping the fit
 #: with the lowest held-out MSE (:mod:`emcore.finetune.selection`; measured in
-#: benchmarks/README.md, "Stiffness chosen by held-out pixels").
-DEFAULT_BENDING_CANDIDATES: tuple[float, ...] = (5e2,)
+#: benchmarks/README.md, "Stiffness chosen by held-out pixels" and "Issue 17, third pass": with
+#: the pre-filter, on the 4 strain pairs, mean p95 px: 5e2 -> 1e2 0.150, 1e2 0.149, 1.5e2 0.143,
+#: 2e2 0.142, 3e2 0.141; weights in units of the unfiltered images' data term).
+DEFAULT_BENDING_CANDIDATES: tuple[float, ...] = (2e2,)
+#: Gaussian pre-filter of the last level, px at mip 0, for the items that pass the selection's
+#: discrepancy check (:attr:`Level.prefilter`; benchmarks/README.md, "Issue 17, third pass").
+DEFAULT_PREFILTER = 0.5
 #: Spring weight of that level relative to the call's ``sm``: with the bending energy doing the
 #: smoothing, the springs only keep the grid from folding over, and a low weight does not pull
 #: a strained section towards a rigid one.
@@ -312,6 +340,7 @@ def default_levels(height: int, width: int, levels: int, *, sm: float = 3.0) -> 
         bending=DEFAULT_BENDING,
         detail_mip=fine if fine < grid else None,
         bending_candidates=DEFAULT_BENDING_CANDIDATES,
+        prefilter=DEFAULT_PREFILTER,
     )
     return [*coarse, last]
 
@@ -342,6 +371,7 @@ CANDIDATE_PATIENCE = 5
 def _select_bending(
     src: torch.Tensor,
     tgt: torch.Tensor,
+    raw_tgt: torch.Tensor,
     field: torch.Tensor,
     masks: LossMasks,
     level: Level,
@@ -355,22 +385,38 @@ def _select_bending(
     variance) get the plain fit with ``level.bending`` on every pixel, exactly as without
     candidates; the others are fitted with ``level.bending`` outside the held-out blocks, then with
     each of ``level.bending_candidates`` (each fit starting from the previous one's field), and keep
-    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). If no item
-    passes the check, the softer fits are not run. ``iterations`` adds up over the fits an item
-    took part in (as if run alone), ``seconds`` over all; ``halvings`` is the chosen fit's."""
+    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). With
+    ``level.prefilter``, those items' fits and held-out MSEs run on both images pre-filtered
+    (:mod:`emcore.finetune.prefilter`; ``raw_tgt`` is the target before the jitter, which is
+    filtered and then sampled at the same ``offsets``), their weights scaled by the gradient
+    energy ratio. If no item passes the check, nothing else runs. ``iterations`` adds up over the
+    fits an item took part in (as if run alone), ``seconds`` over all; ``halvings`` is the chosen
+    fit's."""
     noise = noise_sigma(src).square() + noise_sigma(tgt).square()
     start = heldout_mse(src, tgt, field, masks, backend=backend, sample_offsets=offsets)
     eligible = start <= NOISE_FACTOR * noise
     held = heldout_blocks(src.shape[-2], src.shape[-1], device=src.device) & eligible.view(-1, 1, 1, 1)
     fit_masks, held_masks = split_masks(masks, held)  # fit_masks = masks for the other items
-    best = fit(field, masks=fit_masks, bending=level.bending)
     if not bool(eligible.any()):
-        return best
+        return fit(src, tgt, field, masks=fit_masks, bending=level.bending)
+    scale: float | torch.Tensor = 1.0
+    if level.prefilter > 0:
+        filtered_src = gaussian_prefilter(src, level.prefilter)
+        filtered_raw = gaussian_prefilter(raw_tgt, level.prefilter)
+        ratio = gradient_energy_ratio(
+            torch.cat([filtered_src, filtered_raw], dim=1), torch.cat([src, raw_tgt], dim=1)
+        )
+        filtered_tgt = filtered_raw if offsets is None else jittered_target(filtered_raw, level.jitter)[1]
+        chosen = eligible.view(-1, 1, 1, 1)
+        src = torch.where(chosen, filtered_src, src)
+        tgt = torch.where(chosen, filtered_tgt, tgt)
+        scale = torch.where(eligible, ratio, torch.ones_like(ratio))
+    best = fit(src, tgt, field, masks=fit_masks, bending=level.bending * scale)
     score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
     iterations, seconds, previous = best.iterations.clone(), best.seconds, best.field
     again = replace(level.schedule(base), patience=CANDIDATE_PATIENCE)
     for weight in level.bending_candidates:
-        out = fit(previous, masks=fit_masks, bending=float(weight), schedule=again)
+        out = fit(src, tgt, previous, masks=fit_masks, bending=float(weight) * scale, schedule=again)
         new = heldout_mse(src, tgt, out.field, held_masks, backend=backend, sample_offsets=offsets)
         better = eligible & (new < score * (1.0 - MIN_GAIN))
         best = replace(
@@ -435,6 +481,7 @@ def coarse_to_fine(
         field = resample_field(field, mip, level.mip)
         mip = level.mip
         s, t, sd, td = pyramid[mip]
+        raw_t = t
         offsets = None
         if level.jitter > 0:
             offsets, t = jittered_target(t, level.jitter)
@@ -446,8 +493,6 @@ def coarse_to_fine(
             detail_mask = defect_neighbourhood(sd, td, field, detail_mip, radius)
         fit = partial(
             adam_finetune,
-            s,
-            t,
             sm=sm if level.sm is None else level.sm,
             l2_weight=l2_weight,
             schedule=level.schedule(base),
@@ -459,9 +504,9 @@ def coarse_to_fine(
             detail_mip=detail_mip,
         )
         if level.bending_candidates:
-            outcome = _select_bending(s, t, field, masks, level, base, fit, offsets, backend)
+            outcome = _select_bending(s, t, raw_t, field, masks, level, base, fit, offsets, backend)
         else:
-            outcome = fit(field, masks=masks, bending=level.bending)
+            outcome = fit(s, t, field, masks=masks, bending=level.bending)
         outcomes.append(outcome)
         field = outcome.field
     return resample_field(field, mip, 0), outcomes

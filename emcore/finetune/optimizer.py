@@ -128,7 +128,7 @@ def adam_finetune(
     cuda_graph: bool | None = None,
     field_mip: int = 0,
     sample_offsets: torch.Tensor | None = None,
-    bending: float = 0.0,
+    bending: float | torch.Tensor = 0.0,
     detail_mask: torch.Tensor | None = None,
     detail_mip: int | None = None,
 ) -> LevelOutcome:
@@ -156,7 +156,8 @@ def adam_finetune(
             the source (see :func:`emcore.finetune.losses.alignment_loss`).
         bending: weight of the optimized field's bending energy
             (:func:`emcore.finetune.bending.bending_energy`, in px at the images' mip), added to
-            each item's loss; 0 = off. With a control grid it applies to the grid.
+            each item's loss; 0 = off; a ``(N,)`` tensor gives each item its own weight. With a
+            control grid it applies to the grid.
         detail_mask, detail_mip: optional local detail field next to the control grid
             (:class:`emcore.finetune.parameters.FieldParameters`): ``(N, 1, H / 2**detail_mip, W /
             2**detail_mip)`` 0/1, 1 where the field may vary faster than the grid (near defects),
@@ -215,7 +216,7 @@ def adam_finetune(
             reduction="none",
             sample_offsets=sample_offsets,
         )
-        if bending:
+        if isinstance(bending, torch.Tensor) or bending:
             loss = loss + bending * bending_energy(parameters.grid(f), mip=field_mip)
         (grad,) = torch.autograd.grad(loss.sum(), f)
         loss = loss.detach()
