@@ -26,20 +26,13 @@ from emcore.finetune.coarse_to_fine import (
     pyramid_mips,
 )
 from emcore.metrics import field_residual
-from emcore.normalize import normalize, section_stats
 from emcore.synthetic import affine_field, fold_field, smooth_field, true_alignment_field
+from tests.sections import normalized_crop as _section
 
 # The production path (fused C++ kernels on CPU); the kernels' own tests check it against the reference.
 BACKEND = "auto"
 #: Devices every behaviour test runs on: the CPU always, and CUDA (Triton kernels) where present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _section(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
-    """A normalized ``(1, 1, size, size)`` float32 crop of bundled section ``z``."""
-    crop = vnc_sections[z, y : y + size, x : x + size]
-    stats = section_stats(crop)
-    return torch.from_numpy(normalize(crop, stats.mean, stats.std)).view(1, 1, size, size)
 
 
 def _pair(tgt: torch.Tensor, applied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,18 +21,14 @@ from emcore.finetune.coarse_to_fine import DEFAULT_PREFILTER, Level, default_lev
 from emcore.finetune.prefilter import gaussian_prefilter, gradient_energy_ratio
 from emcore.finetune.selection import noise_sigma
 from emcore.metrics import field_residual
-from emcore.normalize import normalize, section_stats
 from emcore.synthetic import smooth_field, true_alignment_field
+from tests.sections import noisy as _noisy
+from tests.sections import normalized_crop
 
 
-def _section(vnc_sections: np.ndarray, z: int, size: int, y: int = 300, x: int = 300) -> torch.Tensor:
-    crop = vnc_sections[z, y : y + size, x : x + size]
-    stats = section_stats(crop)
-    return torch.from_numpy(normalize(crop, stats.mean, stats.std)).view(1, 1, size, size)
-
-
-def _noisy(image: torch.Tensor, gen: torch.Generator, sigma: float = 0.2) -> torch.Tensor:
-    return image + sigma * torch.randn(image.shape, generator=gen)
+def _section(vnc_sections: np.ndarray, z: int, size: int) -> torch.Tensor:
+    """This module's crops sit at (300, 300) px."""
+    return normalized_crop(vnc_sections, z, size, y=300, x=300)
 
 
 def _without_prefilter(levels: list[Level]) -> list[Level]:

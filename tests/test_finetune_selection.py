@@ -21,18 +21,9 @@ from emcore.finetune.loss_reference import HAS_DATA
 from emcore.finetune.losses import prepare_masks
 from emcore.finetune.selection import heldout_blocks, noise_sigma, split_masks
 from emcore.metrics import field_residual
-from emcore.normalize import normalize, section_stats
 from emcore.synthetic import smooth_field, true_alignment_field
-
-
-def _section(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
-    crop = vnc_sections[z, y : y + size, x : x + size]
-    stats = section_stats(crop)
-    return torch.from_numpy(normalize(crop, stats.mean, stats.std)).view(1, 1, size, size)
-
-
-def _noisy(image: torch.Tensor, gen: torch.Generator, sigma: float = 0.2) -> torch.Tensor:
-    return image + sigma * torch.randn(image.shape, generator=gen)
+from tests.sections import noisy as _noisy
+from tests.sections import normalized_crop as _section
 
 
 def test_heldout_blocks_are_seeded_blocks_of_the_asked_fraction() -> None:

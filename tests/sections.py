@@ -1,0 +1,20 @@
+"""Small real-EM inputs shared by the finetuner tests (crops of the bundled VNC sections)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from emcore.normalize import normalize, section_stats
+
+
+def normalized_crop(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
+    """A normalized ``(1, 1, size, size)`` float32 crop of bundled section ``z`` at ``(y, x)`` (px)."""
+    crop = vnc_sections[z, y : y + size, x : x + size]
+    stats = section_stats(crop)
+    return torch.from_numpy(normalize(crop, stats.mean, stats.std)).view(1, 1, size, size)
+
+
+def noisy(image: torch.Tensor, gen: torch.Generator, sigma: float = 0.2) -> torch.Tensor:
+    """``image`` plus Gaussian noise of ``sigma`` drawn from ``gen`` (on every pixel)."""
+    return image + sigma * torch.randn(image.shape, generator=gen)
