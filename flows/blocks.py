@@ -277,7 +277,7 @@ def _run_block(block: _Block) -> list[Any]:
     futures = client.map(
         functools.partial(run_chunk_group, block.fn), groups, pure=False, key=block.fn.__name__
     )
-    index = {f.key: i * size for i, f in enumerate(futures)}
+    index = {f.key: i for i, f in enumerate(futures)}  # future -> its group
     results: list[Any] = [None] * n
     log_step = max(1, n // 4) if n >= 100 else n
     art_step = max(1, n // 10)
@@ -289,15 +289,14 @@ def _run_block(block: _Block) -> list[Any]:
                 raise ChunkFailedError(f"{block.name}: stopped, another block of {block.label} failed")
             chunks = 0
             for future in batch:
-                start_at = index[future.key]
-                chunks += len(groups[start_at // size])
+                g = index[future.key]
+                chunks += len(groups[g])
                 if future.status == "error":
                     if failed is None:
                         failed = future
                         block.tracker.failed.set()
                     continue
-                group_results = future.result()
-                results[start_at : start_at + len(group_results)] = group_results
+                results[g * size : g * size + len(groups[g])] = future.result()
             before, finished = finished, finished + chunks
             block.tracker.add(chunks)
             now = time.perf_counter()

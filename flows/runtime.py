@@ -280,14 +280,12 @@ def api_and_cluster(output: str | None, config: ClusterConfig | str | None = Non
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    # leaving the pool waits for the API thread, also when the cluster failed to start
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-api") as pool:
         api = pool.submit(ensure_local_api, output)
-        try:
-            with cluster(config) as address:
-                api.result()
-                yield address
-        finally:
-            api.exception()  # wait for the API thread (its error, if any, is the one raised above)
+        with cluster(config) as address:
+            api.result()
+            yield address
 
 
 @contextlib.contextmanager
