@@ -23,28 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from emcore.filters import gaussian_kernel, separable_blur
 
 __all__ = ["gaussian_prefilter", "gradient_energy_ratio"]
 
 #: Smallest value a filtered data pixel may take (0 would read as no data).
 _TINY = 1e-6
-
-
-def _kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, math.ceil(3.0 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def _separable(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    r = (kernel.numel() - 1) // 2
-    n, c, h, w = images.shape
-    flat = images.reshape(n * c, 1, h, w)
-    flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return flat.reshape(n, c, h, w)
 
 
 def gaussian_prefilter(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -55,10 +40,10 @@ def gaussian_prefilter(images: torch.Tensor, sigma: float) -> torch.Tensor:
         raise ValueError(f"sigma must be a finite number of px, got {sigma!r}")
     if sigma <= 0:
         return images
-    kernel = _kernel(float(sigma), images.dtype, images.device)
+    kernel = gaussian_kernel(float(sigma), 3.0, images.dtype, images.device)
     data = (images != 0).any(dim=1, keepdim=True).to(images.dtype)
-    weight = _separable(data, kernel).clamp_min(1e-12)
-    out = _separable(images * data, kernel) / weight
+    weight = separable_blur(data, kernel).clamp_min(1e-12)
+    out = separable_blur(images * data, kernel) / weight
     out = torch.where(data > 0, out, torch.zeros_like(out))
     tiny = torch.full_like(out, _TINY)
     return torch.where((data > 0) & (out == 0), tiny, out)

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from emcore.filters import gaussian_blur
 from emcore.normalize import TISSUE_FLOOR
 
 __all__ = ["ArtifactSettings", "add_artifacts"]
@@ -50,15 +50,6 @@ def _uniform(gen: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=gen))
 
 
-def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(2.5 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
-
-
 def _one(image: torch.Tensor, gen: torch.Generator, s: ArtifactSettings) -> torch.Tensor:
     """Artifacts on one ``(1, 1, H, W)`` image; returns the new image (0 outside data)."""
     _, _, h, w = image.shape
@@ -71,7 +62,7 @@ def _one(image: torch.Tensor, gen: torch.Generator, s: ArtifactSettings) -> torc
         return _uniform(gen) < s.probability
 
     if s.blur > 0 and happens():
-        out = _blur(out, _uniform(gen, 0.5, s.blur))
+        out = gaussian_blur(out, _uniform(gen, 0.5, s.blur), truncate=2.5)
     if s.gradient > 0 and happens():
         angle = _uniform(gen, 0, 2 * math.pi)
         ramp = (xs * math.cos(angle) + ys * math.sin(angle)) / scale  # about -1..1
