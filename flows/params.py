@@ -59,7 +59,8 @@ class AlignParams(BaseModel):
         description='without a defects layer: "auto" (default) runs the shipped fold/crack detector on '
         "the normalized sections (at the first mip of 30-50 nm/px at or above finetune_mip; none: "
         "skipped with a warning) and uses its mask, written to <out>/masks/detected, as the defects "
-        'layer; "none" aligns without a mask',
+        'layer; "none" aligns without a mask; a mask layer path means defects=<that layer> (your own '
+        "detector's mask, or one from an earlier run's <out>/masks/detected)",
     )
     true_fields: str | None = Field(
         None,
@@ -128,6 +129,22 @@ class AlignParams(BaseModel):
     )
     smoothness: float = Field(0.0, ge=0, allow_inf_nan=False, description="stack-solve membrane weight")
     robust_px: float = Field(2.0, gt=0, allow_inf_nan=False, description="stack-solve Cauchy scale (px)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_named_by_detect_defects(cls, data: object) -> object:
+        """``detect_defects: <layer>`` is ``defects: <layer>`` (checked as a mask like any ``defects``)."""
+        if not isinstance(data, dict):
+            return data
+        named = data.get("detect_defects")
+        if not isinstance(named, str) or named in ("auto", "none"):
+            return data
+        given = data.get("defects")
+        if given not in (None, named):
+            raise ValueError(
+                f"detect_defects={named!r} and defects={given!r} each name a defect mask: give one of them"
+            )
+        return {**data, "defects": named, "detect_defects": "none"}
 
     @model_validator(mode="before")
     @classmethod

@@ -127,3 +127,13 @@ def test_align_stack_refuses_before_writing_when_workers_are_too_small(tmp_path,
         with pytest.raises(TaskMemoryError, match="give the workers more memory"):
             align_stack(params, dask_address=small.scheduler_address)
     assert not out.exists() or not any(p.name != ".sectionflow" for p in out.iterdir())
+
+
+def test_detect_defects_can_name_the_mask_layer(tmp_path, tiny_stack):
+    named = tiny_params(tmp_path / "out", tiny_stack, defects=None, detect_defects=tiny_stack["defects"])
+    assert named.defects == tiny_stack["defects"] and named.detect_defects == "none"
+    assert named == tiny_params(tmp_path / "out", tiny_stack, detect_defects="none")
+    with pytest.raises(ValidationError, match="each name a defect mask: give one"):
+        tiny_params(tmp_path / "out", tiny_stack, detect_defects=tiny_stack["misaligned"])
+    with pytest.raises(ValidationError, match=r"defects .* has kind image"):
+        tiny_params(tmp_path / "out", tiny_stack, defects=None, detect_defects=tiny_stack["misaligned"])
