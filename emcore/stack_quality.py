@@ -25,7 +25,8 @@ API summary
 * :func:`seam_score` -> :class:`SeamScore` (median field jump across processing-chunk borders /
   median jump elsewhere: 1.0 = no seam).
 * :func:`rotation_drift` -> :class:`RotationDrift` (max - min rotation over the stack, its linear
-  trend along z, per-section series, deg); :func:`linear_trend` (what a least-squares line through
+  trend along z, per-section series, deg) of affine matrices; :func:`rotation_series_drift` the same
+  of per-section rotations already decomposed; :func:`linear_trend` (what a least-squares line through
   a series changes by over the stack).
 * :func:`residual_vs_truth` -> :class:`TruthResidual` (``|G - G_true|`` median / p95 after removing
   the one global rigid transform between the estimated and the true stack frame, and without).
@@ -34,7 +35,6 @@ API summary
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +63,7 @@ __all__ = [
     "non_affine",
     "linear_trend",
     "residual_vs_truth",
+    "rotation_series_drift",
     "rotation_drift",
     "seam_score",
     "section_metrics",
@@ -342,22 +343,27 @@ def linear_trend(values: Sequence[float], positions: Sequence[float] | None = No
     return float((xc @ (y - y.mean())) / (xc @ xc) * np.ptp(x))
 
 
-def rotation_drift(matrices: torch.Tensor | Sequence[torch.Tensor]) -> RotationDrift:
-    """Range and linear trend of the affine rotation over a stack (sections equally spaced).
+def rotation_series_drift(
+    angles_deg: Sequence[float], positions: Sequence[float] | None = None
+) -> RotationDrift:
+    """Range and linear trend of per-section rotations ``angles_deg`` (deg) at ``positions``
+    (section z; default ``0 .. n-1``). At least one angle."""
+    angles = tuple(float(a) for a in angles_deg)
+    if not angles:
+        raise ValueError("rotation_series_drift needs at least one section's rotation")
+    return RotationDrift(max(angles) - min(angles), angles, linear_trend(angles, positions))
 
-    Args:
-        matrices: ``(Z, 2, 3)`` affine displacement matrices (e.g. :func:`affine_part` of each
-            ``G[z]``), or a sequence of ``(2, 3)``.
-    """
+
+def rotation_drift(matrices: torch.Tensor | Sequence[torch.Tensor]) -> RotationDrift:
+    """:func:`rotation_series_drift` of the rotations of ``(Z, 2, 3)`` affine displacement matrices
+    (e.g. :func:`affine_part` of each ``G[z]``, or a sequence of ``(2, 3)``), sections equally spaced;
+    each rotation as :func:`emcore.affine.decompose` gives it."""
     ms = torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in matrices]) if not isinstance(
         matrices, torch.Tensor
     ) else matrices.to(torch.float64)
     if ms.ndim != 3 or ms.shape[1:] != (2, 3) or ms.shape[0] == 0:
         raise ValueError(f"matrices must have shape (Z, 2, 3) with Z >= 1, got {tuple(ms.shape)}")
-    angles = tuple(
-        math.degrees(math.atan2(float(m[1, 0]), 1.0 + float(m[0, 0]))) for m in ms
-    )
-    return RotationDrift(max(angles) - min(angles), angles, linear_trend(angles))
+    return rotation_series_drift([decompose(m, 1, 1).rotation_deg for m in ms])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from cloudfiles import CloudFiles
 
 from emcore.pictures import line_plot, red_cyan, save_png, side_by_side, thumbnail
-from emcore.stack_quality import linear_trend, section_metrics
+from emcore.stack_quality import rotation_series_drift, section_metrics
 
 __all__ = ["FLAG_RULES", "StackSection", "stack_section"]
 
@@ -113,9 +113,10 @@ def stack_section(
     seams = [metrics[i].get("seam_ratio", math.nan) for i in solid]
     seams = [v for v in seams if not math.isnan(v)]
     rotations = [metrics[i]["rotation_deg"] for i in solid]
+    drift = rotation_series_drift(rotations, [zs[i] for i in solid]) if rotations else None
     out.summary = {
-        "rotation_drift_deg": max(rotations) - min(rotations) if rotations else math.nan,
-        "rotation_trend_deg": linear_trend(rotations, [zs[i] for i in solid]) if rotations else math.nan,
+        "rotation_drift_deg": drift.drift_deg if drift else math.nan,
+        "rotation_trend_deg": drift.trend_deg if drift else math.nan,
         "non_affine_p95_mean_px": float(np.mean(na95)) if na95 else math.nan,
         "seam_ratio_median": float(np.median(seams)) if seams else math.nan,
         "jacobian_outside_max": max((metrics[i]["jacobian_outside"] for i in solid), default=0.0),

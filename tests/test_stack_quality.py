@@ -17,6 +17,7 @@ from emcore.stack_quality import (
     non_affine,
     residual_vs_truth,
     rotation_drift,
+    rotation_series_drift,
     seam_score,
     section_metrics,
 )
@@ -167,3 +168,11 @@ def test_bad_shapes_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="chunk_xy"):
         seam_score(torch.zeros(2, H, W), 0)
     assert affine_displacement_field(torch.zeros(2, 3), H, W).abs().max() == 0
+
+
+def test_rotation_series_drift_takes_positions_and_refuses_an_empty_stack() -> None:
+    drift = rotation_series_drift([0.0, 0.1, 0.3], [0, 2, 6])
+    assert drift.drift_deg == pytest.approx(0.3)
+    assert drift.trend_deg == pytest.approx(linear_trend([0.0, 0.1, 0.3], [0, 2, 6]))
+    with pytest.raises(ValueError, match="at least one section"):
+        rotation_series_drift([])
