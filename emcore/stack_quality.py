@@ -470,7 +470,8 @@ def section_metrics(
 
     Keys: ``rotation_deg``, ``scale_x``, ``scale_y``, ``shear``, ``tx``, ``ty`` (px, centre),
     ``non_affine_median``, ``non_affine_p95`` (px), ``jacobian_outside``, ``jacobian_folded``
-    (fractions), and ``seam_ratio`` (when ``chunk_xy`` is given; NaN without a chunk border).
+    (fractions), and ``seam_ratio`` with ``seam_excess_px`` (median jump across chunk borders less
+    the median jump elsewhere, px) when ``chunk_xy`` is given (NaN without a chunk border).
     """
     g = _stack(fields)
     z, _, h, w = g.shape
@@ -494,6 +495,8 @@ def section_metrics(
             "jacobian_folded": jac.folded,
         }
         if chunk_xy is not None:
-            row["seam_ratio"] = seam_score(g[i], chunk_xy, origin, keep[i, 0]).ratio
+            seam = seam_score(g[i], chunk_xy, origin, keep[i, 0])
+            row["seam_ratio"] = seam.ratio
+            row["seam_excess_px"] = seam.border_median - seam.elsewhere_median
         rows.append(row)
     return rows
