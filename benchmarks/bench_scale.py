@@ -267,7 +267,7 @@ def main() -> int:
     parser.add_argument("--num-iter", type=int, default=20)
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["blocks", "blocks1"],
                         help="designs: blocks (chunk groups), blocks1 (one dask task per chunk)")
-    parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000)")
+    parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000; 0: skip them)")
     parser.add_argument("--case", nargs=3, metavar=("SIZE", "SECTIONS", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-case", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -282,11 +282,11 @@ def main() -> int:
     sizes, sections = args.sizes or base["sizes"], args.sections or base["sections"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = args.modes
-    noop = args.noop_chunks or base["noop"]
+    noop = base["noop"] if args.noop_chunks is None else args.noop_chunks
     # fixed cost + per-chunk cost: the fast designs also at 10x the chunks (the slope is the per-chunk cost)
     overhead = [_subprocess(["--overhead-case", str(count), mode], f"noop{count}_{mode}", mode)
                 for mode in ["dask", *modes]
-                for count in [noop, 10 * noop]]  # fmt: skip
+                for count in [noop, 10 * noop]] if noop else []  # fmt: skip
     rows = [
         _subprocess(["--case", str(size), str(n), mode, "--num-iter", str(args.num_iter)],
                     f"{size}x{n}_{mode}", mode)
@@ -295,8 +295,9 @@ def main() -> int:
         for mode in modes
     ]
     (RESULTS / "scale.json").write_text(json.dumps({"noop": overhead, "stacks": rows}, indent=1))
-    print()
-    print(noop_table(overhead))
+    if overhead:
+        print()
+        print(noop_table(overhead))
     print()
     print(table(rows))
     return 0
