@@ -409,9 +409,10 @@ def _select_bending(
     ``level.prefilter``, those items' fits and held-out MSEs run on both images pre-filtered
     (:mod:`emcore.finetune.prefilter`; ``raw_tgt`` is the target before the jitter, which is
     filtered and then sampled at the same ``offsets``), their weights scaled by the gradient
-    energy ratio. If no item passes the check, nothing else runs. ``iterations`` adds up over the
-    fits an item took part in (as if run alone), ``seconds`` over all; ``halvings`` is the chosen
-    fit's."""
+    energy ratio. With ``level.refits`` (and jitter), the items that took a softer weight are
+    refitted and averaged (:func:`_refit_soft`). If no item passes the check, nothing else runs.
+    ``iterations`` adds up over the fits an item took part in (as if run alone), ``seconds`` over
+    all; ``halvings`` is the chosen fit's."""
     noise = noise_sigma(src).square() + noise_sigma(tgt).square()
     start = heldout_mse(src, tgt, field, masks, backend=backend, sample_offsets=offsets)
     eligible = start <= NOISE_FACTOR * noise
