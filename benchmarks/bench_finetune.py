@@ -18,11 +18,13 @@ and compares throughput in Mpx*it/s (megapixels times iterations per second).
     .venv/bin/python -m benchmarks.bench_finetune --resample bicubic --no-reference  # bicubic sources
     .venv/bin/python -m benchmarks.bench_finetune --kinds strain,capture --no-reference  # a subset
 
-Besides the defaults, ``sectionflow finetune (no pre-filter)`` runs the default before the last
+Besides the defaults, ``sectionflow finetune (no refits)`` runs the default before the last
+level's refits of its soft items (issue 17, fourth pass; the third pass's default),
+``sectionflow finetune (no pre-filter)`` runs the default before the last
 level's pre-filter (issue 17, third pass: held-out selection 5e3 -> 5e2 on the images as they are)
 and ``sectionflow finetune (fixed stiffness)`` the default before the held-out selection (4
 levels, bending weight 5e3 on every pair) in the same run, so the closing note can compare each
-row with both (``--no-previous`` skips them). ``capture``: the share of
+row with each (``--no-previous`` skips them). ``capture``: the share of
 interior pixels off by more than 1 px is printed per pair (a capture failure when > 0; the
 closing note takes the worst ``capture`` or ``translation`` pair).
 """
@@ -50,6 +52,7 @@ from emcore.finetune.translation_start import translation_start
 from emcore.metrics import ResidualStats, field_residual
 
 OURS = "sectionflow finetune (defaults)"
+NO_REFITS = "sectionflow finetune (no refits)"
 UNFILTERED = "sectionflow finetune (no pre-filter)"
 FIXED = "sectionflow finetune (fixed stiffness)"
 
@@ -67,17 +70,28 @@ def _ours(case: Case) -> torch.Tensor:
     return finetune(case.src, case.tgt).field
 
 
-def _unfiltered(case: Case) -> torch.Tensor:
-    """The default before the last level's pre-filter (issue 17, third pass): the same automatic
-    schedule and translation start, the last level without ``prefilter`` and with the soft
-    candidate 5e2 it had then."""
+def _automatic(case: Case, **last: object) -> torch.Tensor:
+    """The default call with the last level's settings ``last`` changed: the same automatic depth
+    and translation start."""
     h, w = case.src.shape[-2:]
     levels = default_levels(h, w, pyramid_depth(h, w, DEFAULT_MAX_MOTION))
-    levels[-1] = replace(levels[-1], prefilter=0.0, bending_candidates=(5e2,))
+    levels[-1] = replace(levels[-1], **last)
     start, _ = translation_start(
         case.src, case.tgt, identity(1, h, w), top_mip=levels[0].mip, max_motion=DEFAULT_MAX_MOTION
     )
     return finetune(case.src, case.tgt, init_field=start, levels=levels).field
+
+
+def _no_refits(case: Case) -> torch.Tensor:
+    """The default before the last level's refits (issue 17, fourth pass): the third pass's."""
+    return _automatic(case, refits=0)
+
+
+def _unfiltered(case: Case) -> torch.Tensor:
+    """The default before the last level's pre-filter (issue 17, third pass): the same automatic
+    schedule and translation start, the last level without ``prefilter`` or refits and with the
+    soft candidate 5e2 it had then."""
+    return _automatic(case, prefilter=0.0, bending_candidates=(5e2,), refits=0)
 
 
 def _fixed(case: Case) -> torch.Tensor:
@@ -99,6 +113,7 @@ def _as_numpy(image: torch.Tensor) -> np.ndarray:
 def methods(include_sofima: bool, previous: bool = True) -> dict[str, Callable[[Case], torch.Tensor]]:
     out: dict[str, Callable[[Case], torch.Tensor]] = {OURS: _ours}
     if previous:
+        out[NO_REFITS] = _no_refits
         out[UNFILTERED] = _unfiltered
         out[FIXED] = _fixed
     for name, fn in peers(include_sofima).items():
@@ -267,7 +282,8 @@ def targets(rows: list[Row], kinds: tuple[str, ...], elastix_s: float) -> None:
         sof = _mean(rows, "sofima (patch 64, step 8)", "neighbour", "median")
         peer = f"sofima {sof:.3f}" if sof is not None else "sofima not run"
         show("neighbour median px", med, "<= 1.0", None if med is None else med <= 1.0, peer)
-    for baseline, label in ((UNFILTERED, "no pre-filter's"), (FIXED, "fixed stiffness's")):
+    baselines = ((NO_REFITS, "no refits'"), (UNFILTERED, "no pre-filter's"), (FIXED, "fixed stiffness's"))
+    for baseline, label in baselines:
         for kind in kinds:
             for attr in ("median", "p95"):
                 new, old = _mean(rows, OURS, kind, attr), _mean(rows, baseline, kind, attr)
@@ -306,7 +322,7 @@ def main(quick: bool | None = None) -> None:
         parser.add_argument("--kinds", default=",".join(KINDS),
                             help=f"comma-separated case kinds (default all: {','.join(KINDS)})")  # fmt: skip
         parser.add_argument("--no-previous", action="store_true",
-                            help="skip the previous defaults (no pre-filter; fixed stiffness)")  # fmt: skip
+                            help="skip the previous defaults (no refits, no pre-filter, fixed)")  # fmt: skip
         args = parser.parse_args()
         kinds = tuple(k for k in args.kinds.split(",") if k)
         unknown = [k for k in kinds if k not in KINDS]

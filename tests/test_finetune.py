@@ -21,6 +21,7 @@ from emcore.finetune.coarse_to_fine import (
     DEFAULT_GRID_LR,
     DEFAULT_GRID_SM_FACTOR,
     DEFAULT_PREFILTER,
+    DEFAULT_REFITS,
     default_levels,
     jittered_target,
     pyramid_mips,
@@ -178,6 +179,7 @@ def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
         detail_mip=2,
         bending_candidates=DEFAULT_BENDING_CANDIDATES,
         prefilter=DEFAULT_PREFILTER,
+        refits=DEFAULT_REFITS,
     )
     assert default_levels(512, 512, 4) == [Level(3), Level(2), last]
     assert default_levels(512, 512, 4, sm=200.0)[-1].sm == pytest.approx(20.0)

@@ -17,7 +17,9 @@ API summary
   (:func:`emcore.finetune.coarse_to_fine.pyramid_depth`); the last level's bending weight is
   chosen per item on held-out pixels (:mod:`emcore.finetune.selection`), on images pre-filtered
   by a small Gaussian where the residual is at the noise level (:mod:`emcore.finetune.prefilter`;
-  such an item's ``loss`` is then that of the filtered images). With the automatic
+  such an item's ``loss`` is then that of the filtered images); an item that takes the softer
+  weight is refitted with it on every pixel with two more jitter seeds and gets the mean field
+  (``Level.refits``; its ``loss`` is then the refits' mean). With the automatic
   depth and ``max_motion`` > 20 px, a pure translation of up to ``max_motion`` is found by
   cross-correlation before the coarsest level (:mod:`emcore.finetune.translation_start`; smaller
   motions run as without it).
