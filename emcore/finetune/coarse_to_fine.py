@@ -17,7 +17,7 @@ Per level (all in px at that level's mip):
 3. :func:`emcore.finetune.optimizer.adam_finetune` with that level's settings: a per-pixel field,
    or (``Level.field_mip``) a control grid upsampled to the level's mip for the loss, and
    optionally (``Level.jitter``) a target pre-sampled at fixed random sub-pixel offsets
-   (:func:`jittered_target`).
+   (:func:`emcore.finetune.jitter.jittered_target`).
 
 The default schedule (:func:`default_levels`, measured in benchmarks/README.md) is per-pixel levels
 from the top mip down to mip 2, then the loss at mip 0 with jitter 1 px and the field on a control
@@ -41,26 +41,18 @@ mips that fit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from emcore.field import resample_field, warp
-from emcore.finetune.losses import LossMasks, prepare_masks
+from emcore.field import resample_field
+from emcore.finetune.bending_choice import select_bending
+from emcore.finetune.jitter import jittered_target
+from emcore.finetune.losses import prepare_masks
 from emcore.finetune.optimizer import AdamSchedule, LevelOutcome, adam_finetune
 from emcore.finetune.parameters import defect_neighbourhood
-from emcore.finetune.prefilter import gaussian_prefilter, gradient_energy_ratio
-from emcore.finetune.selection import (
-    MIN_GAIN,
-    NOISE_FACTOR,
-    heldout_blocks,
-    heldout_mse,
-    noise_sigma,
-    split_masks,
-)
 from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 
 __all__ = [
@@ -141,8 +133,8 @@ class Level:
             are fitted ``refits`` more times with the chosen weight on every pixel (the held-out
             blocks included), each from the stiff fit's field and with the jitter offsets of its
             own seed (1, 2, ...; :func:`jittered_target`); their field is the mean of the selected
-            fit and the refits (:func:`_refit_soft`). 0 = off; items that keep the stiff fit, or
-            fail the discrepancy check, are not affected.
+            fit and the refits (:mod:`emcore.finetune.bending_choice`). 0 = off; items that keep
+            the stiff fit, or fail the discrepancy check, are not affected.
     """
 
     mip: int
@@ -365,145 +357,6 @@ def default_levels(height: int, width: int, levels: int, *, sm: float = 3.0) -> 
     return [*coarse, last]
 
 
-def jittered_target(tgt: torch.Tensor, jitter: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(offsets, tgt sampled at p + offsets)`` for a level's sampling jitter.
-
-    ``offsets``: ``(1, 2, H, W)`` fixed random px, uniform in ``[-jitter/2, jitter/2]`` (the same
-    for every batch item, so an item's result does not depend on the batch; seeded: reruns are
-    equal). The target is sampled bicubically (measured: smooth 0.057 -> 0.055, large 0.083 -> 0.078
-    px median vs bilinear) and is 0 (no data) within 2 px of no-data pixels.
-    """
-    n, _, h, w = tgt.shape
-    gen = torch.Generator().manual_seed(seed)
-    offsets = ((torch.rand(1, 2, h, w, generator=gen) - 0.5) * jitter).to(tgt.device, tgt.dtype)
-    has_data = (tgt != 0).any(dim=1, keepdim=True).to(tgt.dtype)
-    # Bicubic (computed once, so free per iteration): less resampling blur than bilinear; its taps
-    # reach 2 px, so only positions whose 5x5 neighbourhood is all data keep a value.
-    inside = 1.0 - F.max_pool2d(1.0 - has_data, kernel_size=5, stride=1, padding=2)
-    full = warp(inside, offsets) >= 0.999
-    return offsets, torch.where(full, warp(tgt, offsets, mode="bicubic"), torch.zeros_like(tgt))
-
-
-#: Patience of the softer fits of a held-out selection (they start next to their optimum).
-CANDIDATE_PATIENCE = 5
-
-
-def _select_bending(
-    src: torch.Tensor,
-    tgt: torch.Tensor,
-    raw_tgt: torch.Tensor,
-    field: torch.Tensor,
-    masks: LossMasks,
-    level: Level,
-    base: AdamSchedule,
-    fit: Callable[..., LevelOutcome],
-    offsets: torch.Tensor | None,
-    backend: str,
-) -> LevelOutcome:
-    """The rule of :mod:`emcore.finetune.selection` for one level. Items failing its discrepancy
-    check (the MSE at the level's starting ``field`` above ``NOISE_FACTOR`` x the images' noise
-    variance) get the plain fit with ``level.bending`` on every pixel, exactly as without
-    candidates; the others are fitted with ``level.bending`` outside the held-out blocks, then with
-    each of ``level.bending_candidates`` (each fit starting from the previous one's field), and keep
-    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). With
-    ``level.prefilter``, those items' fits and held-out MSEs run on both images pre-filtered
-    (:mod:`emcore.finetune.prefilter`; ``raw_tgt`` is the target before the jitter, which is
-    filtered and then sampled at the same ``offsets``), their weights scaled by the gradient
-    energy ratio. With ``level.refits`` (and jitter), the items that took a softer weight are
-    refitted and averaged (:func:`_refit_soft`). If no item passes the check, nothing else runs.
-    ``iterations`` adds up over the fits an item took part in (as if run alone), ``seconds`` over
-    all; ``halvings`` is the chosen fit's."""
-    noise = noise_sigma(src).square() + noise_sigma(tgt).square()
-    start = heldout_mse(src, tgt, field, masks, backend=backend, sample_offsets=offsets)
-    eligible = start <= NOISE_FACTOR * noise
-    held = heldout_blocks(src.shape[-2], src.shape[-1], device=src.device) & eligible.view(-1, 1, 1, 1)
-    fit_masks, held_masks = split_masks(masks, held)  # fit_masks = masks for the other items
-    if not bool(eligible.any()):
-        return fit(src, tgt, field, masks=fit_masks, bending=level.bending)
-    scale: float | torch.Tensor = 1.0
-    if level.prefilter > 0:
-        filtered_src = gaussian_prefilter(src, level.prefilter)
-        filtered_raw = gaussian_prefilter(raw_tgt, level.prefilter)
-        ratio = gradient_energy_ratio(
-            torch.cat([filtered_src, filtered_raw], dim=1), torch.cat([src, raw_tgt], dim=1)
-        )
-        filtered_tgt = filtered_raw if offsets is None else jittered_target(filtered_raw, level.jitter)[1]
-        chosen = eligible.view(-1, 1, 1, 1)
-        raw_tgt = torch.where(chosen, filtered_raw, raw_tgt)
-        src = torch.where(chosen, filtered_src, src)
-        tgt = torch.where(chosen, filtered_tgt, tgt)
-        scale = torch.where(eligible, ratio, torch.ones_like(ratio))
-    best = fit(src, tgt, field, masks=fit_masks, bending=level.bending * scale)
-    score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
-    iterations, seconds, previous = best.iterations.clone(), best.seconds, best.field
-    stiff = best.field
-    soft = torch.zeros_like(eligible)
-    chosen_weight = torch.full_like(score, float(level.bending))
-    again = replace(level.schedule(base), patience=CANDIDATE_PATIENCE)
-    for weight in level.bending_candidates:
-        out = fit(src, tgt, previous, masks=fit_masks, bending=float(weight) * scale, schedule=again)
-        new = heldout_mse(src, tgt, out.field, held_masks, backend=backend, sample_offsets=offsets)
-        better = eligible & (new < score * (1.0 - MIN_GAIN))
-        best = replace(
-            best,
-            field=torch.where(better.view(-1, 1, 1, 1), out.field, best.field),
-            loss=torch.where(better, out.loss, best.loss),
-            halvings=torch.where(better, out.halvings, best.halvings),
-        )
-        score = torch.where(better, new, score)
-        soft |= better
-        chosen_weight = torch.where(better, torch.full_like(chosen_weight, float(weight)), chosen_weight)
-        iterations = iterations + torch.where(eligible, out.iterations, torch.zeros_like(out.iterations))
-        seconds += out.seconds
-        previous = out.field
-    best = replace(best, iterations=iterations, seconds=seconds)
-    if level.refits and offsets is not None and bool(soft.any()):
-        refit = partial(fit, bending=chosen_weight * scale, schedule=again)
-        best = _refit_soft(src, raw_tgt, stiff, best, soft, masks, level, refit)
-    return best
-
-
-def _refit_soft(
-    src: torch.Tensor,
-    raw_tgt: torch.Tensor,
-    stiff: torch.Tensor,
-    selected: LevelOutcome,
-    soft: torch.Tensor,
-    masks: LossMasks,
-    level: Level,
-    fit: Callable[..., LevelOutcome],
-) -> LevelOutcome:
-    """The ``soft`` items of ``selected`` (a held-out selection's outcome) refitted
-    ``level.refits`` times on every pixel of ``masks`` from the ``stiff`` field, each refit on the
-    target sampled with the jitter offsets of its own seed (1, 2, ...) from ``raw_tgt`` (the
-    images the selection fitted, before the jitter); their field is the mean of ``selected``'s
-    and the refits', their ``loss`` the refits' mean loss, their ``iterations`` include the
-    refits'. Other items are returned as they are.
-
-    Why: the selected fit never saw the held-out blocks (1/8 of the pixels), and each jitter
-    pattern (fixed random offsets per pixel) leaves its own error pattern in the field; a mean
-    over fits with independent patterns and all the pixels has less of both (issue 17, fourth
-    pass, benchmarks/README.md)."""
-    fields, losses, iterations, seconds = selected.field.clone(), torch.zeros_like(selected.loss), 0, 0.0
-    for seed in range(1, level.refits + 1):
-        offsets, tgt = jittered_target(raw_tgt, level.jitter, seed=seed)
-        lost = (tgt == 0).all(dim=1, keepdim=True)  # this sampling has no data there
-        refit_masks = split_masks(masks, lost)[0]
-        out = fit(src, tgt, stiff, masks=refit_masks, sample_offsets=offsets)
-        fields += out.field
-        losses += out.loss
-        iterations = iterations + out.iterations
-        seconds += out.seconds
-    pick = soft.view(-1, 1, 1, 1)
-    return replace(
-        selected,
-        field=torch.where(pick, fields / (level.refits + 1), selected.field),
-        loss=torch.where(soft, losses / level.refits, selected.loss),
-        iterations=selected.iterations + torch.where(soft, iterations, torch.zeros_like(iterations)),
-        seconds=selected.seconds + seconds,
-    )
-
-
 def coarse_to_fine(
     src: torch.Tensor,
     tgt: torch.Tensor,
@@ -576,7 +429,7 @@ def coarse_to_fine(
             detail_mip=detail_mip,
         )
         if level.bending_candidates:
-            outcome = _select_bending(s, t, raw_t, field, masks, level, base, fit, offsets, backend)
+            outcome = select_bending(s, t, raw_t, field, masks, level, base, fit, offsets, backend)
         else:
             outcome = fit(s, t, field, masks=masks, bending=level.bending)
         outcomes.append(outcome)
