@@ -6,10 +6,11 @@ sections are held out) of both stacks at about 40 nm/px (``vnc`` mip 3, 36.8 nm,
 defects (:func:`emcore.synthetic_defects.make_defect` with
 :func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
 cracks filled with resin or left empty; ``displacement_px`` and ``width_px`` of the recipe, px at
-that mip, and its ``resin_level``: resin brighter than the brightest tissue), drawn once into a
-pool. Each step draws ``batch`` items from the pool (a fraction
-``clean_fraction`` of them clean sections, no defect), cuts a random ``crop`` px square, flips /
-rotates it and adds random EM artifacts (:func:`emcore.models.artifacts.add_artifacts`).
+that mip, a ``thin_crack_fraction`` of the cracks with a ``thin_crack_width_px`` gap instead, and
+its ``resin_level``: resin brighter than the brightest tissue), drawn once into a pool. Each step
+draws ``batch`` items from the pool (a fraction ``clean_fraction`` of them clean sections, no
+defect), cuts a random ``crop`` px square, flips / rotates it and adds random EM artifacts
+(:func:`emcore.models.artifacts.add_artifacts`).
 
 Target: the defect mask on tissue, ``mask & (image != 0)``: a fold band or a resin-filled gap;
 a crack gap left empty is no data (0), which every consumer already treats as "nothing here", so
@@ -64,6 +65,11 @@ class DetectorRecipe:
     ``encoder``: a shipped encoder name to train on its encodings (the images, artifacts
     included, go through :func:`emcore.models.encode.encode_tiled` first); ``None`` = the
     normalized images themselves (the shipped detector).
+
+    ``thin_crack_fraction``: the fraction of cracks drawn with a gap of ``thin_crack_width_px``
+    instead of ``width_px`` (one extra draw per crack, only when > 0; 0 = the recipe before issue
+    16's thin cracks, whose pools are bitwise the same as then): a 10 px crack at 9-10 nm/px is a
+    2.5 px line at the detector's 37-40 nm/px, below ``width_px``.
     """
 
     name: str = "defect_detector"
@@ -77,6 +83,8 @@ class DetectorRecipe:
     displacement_px: tuple[float, float] = (4.0, 40.0)
     width_px: tuple[float, float] = (3.0, 16.0)
     resin_level: tuple[float, float] = (2.5, 4.0)
+    thin_crack_fraction: float = 0.3
+    thin_crack_width_px: tuple[float, float] = (2.0, 3.0)
     defects_per_section: int = 6
     clean_fraction: float = 0.2
     dice_weight: float = 1.0
@@ -125,10 +133,20 @@ def defect_pool(
     images, targets = [], []
     for z in range(stack.shape[0]):
         for _ in range(count):
-            d = make_defect(stack[z : z + 1], gen, random_settings(gen, recipe.defects))
+            d = make_defect(stack[z : z + 1], gen, _settings(recipe, gen))
             images.append(d.image)
             targets.append(d.mask & (d.image != 0))
     return DefectPool(torch.cat(images), torch.cat(targets), stack)
+
+
+def _settings(recipe: DetectorRecipe, gen: torch.Generator) -> DefectSettings:
+    """One defect's settings: :func:`random_settings` of the recipe's ranges, a thin gap for a
+    ``thin_crack_fraction`` of the cracks."""
+    settings = random_settings(gen, recipe.defects)
+    thin = settings.kind == "crack" and recipe.thin_crack_fraction > 0
+    if thin and float(torch.rand((), generator=gen, dtype=torch.float64)) < recipe.thin_crack_fraction:
+        settings = replace(settings, width_px=recipe.thin_crack_width_px)
+    return settings
 
 
 def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
