@@ -156,8 +156,7 @@ def train_and_save(
                 defects=(
                     f"{recipe.defects_per_section} synthetic defects per training section "
                     "(emcore.synthetic_defects.random_settings: fold or crack, half partial, resin or "
-                    f"empty gap), displacement {recipe.displacement_px} px, width {recipe.width_px} px "
-                    f"({recipe.thin_crack_fraction:.0%} of cracks {recipe.thin_crack_width_px} px), "
+                    f"empty gap), displacement {recipe.displacement_px} px, width {recipe.width_px} px, "
                     f"resin {recipe.resin_level} tissue std above the mean; "
                     f"{recipe.clean_fraction:.0%} of items clean; emcore.models.artifacts augmentation"
                 ),
