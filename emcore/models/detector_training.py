@@ -289,7 +289,7 @@ def evaluate_detector(
     gen = torch.Generator().manual_seed(seed + 7)
     prepare = _inputs(recipe)
     out: dict[str, float] = {}
-    for suffix, settings in (("", None), ("_artifacts", recipe.artifacts)):
+    for suffix, artifacts in (("", None), ("_artifacts", recipe.artifacts)):
         tp = fp = fn = 0
         per_case = []
         clean_marked = clean_tissue = 0
@@ -304,10 +304,10 @@ def evaluate_detector(
                 settings=settings,
             )
             images, targets, clean = pool.images, pool.targets, pool.clean
-            if settings is not None:
-                images = add_artifacts(images, gen, settings)
+            if artifacts is not None:
+                images = add_artifacts(images, gen, artifacts)
                 targets = targets & (images != 0)
-                clean = add_artifacts(clean, gen, settings)
+                clean = add_artifacts(clean, gen, artifacts)
             marked = _detect(model, prepare, images, threshold, rule, min_bright_contrast)
             tp += int((marked & targets).sum())
             fp += int((marked & ~targets).sum())
