@@ -4,16 +4,15 @@
 ``pad`` px of context (at least the length rule's ``min_length`` px, so that a band crossing the
 chunk is measured over at least that length), runs
 :func:`emcore.models.detect.detect_defects_two_scales` (at the mip and one mip coarser, united; the
-shipped ``defect_detector``, trained on normalized sections at ~20 and ~40 nm/px, for 15-50
-nm/px, with the length
-rule: marked components shorter than :data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM` are
-dropped, and with the contrast rule: bright components less than
-:data:`emcore.models.detect.MIN_BRIGHT_CONTRAST` tissue std brighter than the tissue around them are
-dropped), crops the context and writes
-the mask (uint8, 1 = defect) into ``<out>/masks/detected`` at that mip and, repeated pixel by
-pixel, at every finer mip down to 0 (the defects layer has the source's geometry, and stages read
-it at their own mips); the coarser mips are max-downsampled by the stage. Only what the detector
-marks on tissue is a defect: an empty crack gap is no data already (0 in the images).
+shipped ``defect_detector``, trained on normalized sections at ~20 and ~40 nm/px, for 15-50 nm/px,
+with the length rule: marked components shorter than
+:data:`emcore.models.detect.MIN_DEFECT_LENGTH_NM` are dropped, and with the contrast rule: bright
+components less than :data:`emcore.models.detect.MIN_BRIGHT_CONTRAST` tissue std brighter than the
+tissue around them are dropped), crops the context and writes the mask (uint8, 1 = defect) into
+``<out>/masks/detected`` at that mip and, repeated pixel by pixel, at every finer mip down to 0
+(the defects layer has the source's geometry, and stages read it at their own mips); the coarser
+mips are max-downsampled by the stage. Only what the detector marks on tissue is a defect: an empty
+crack gap is no data already (0 in the images).
 
 :func:`detection_mip` picks the mip: the finest one at or above the finetune mip whose resolution
 lies in the detector's trained range (``resolution_nm`` of its config), or ``None``. The finest,

@@ -5,13 +5,13 @@ sections are held out) of both stacks at about 40 nm/px (``vnc`` mip 3, 36.8 nm,
 ``medulla`` mip 2, 40 nm, 130 px) and at about 20 nm/px (``vnc`` mip 2, 18.4 nm, 256 px;
 ``medulla`` mip 1, 20 nm, 260 px: issue 16, a 10 px crack at 9-10 nm/px is a 2.5 px line at
 40 nm/px, too thin to tell from a knife streak, and a 5 px one at 20 nm/px), normalized. Each
-section gets ``defects_per_section`` synthetic defects (:func:`emcore.synthetic_defects.make_defect` with
-:func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
+section gets ``defects_per_section`` synthetic defects (:func:`emcore.synthetic_defects.make_defect`
+with :func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
 cracks filled with resin or left empty; ``displacement_px`` and ``width_px`` of the recipe, px at
 that mip, and its ``resin_level``: resin brighter than the brightest tissue), drawn once into a
-pool. Each step draws ``batch`` items from the pool (a fraction ``clean_fraction`` of them clean sections, no
-defect), cuts a random ``crop`` px square, flips / rotates it and adds random EM artifacts
-(:func:`emcore.models.artifacts.add_artifacts`).
+pool. Each step draws ``batch`` items from the pool (a fraction ``clean_fraction`` of them clean
+sections, no defect), cuts a random ``crop`` px square, flips / rotates it and adds random EM
+artifacts (:func:`emcore.models.artifacts.add_artifacts`).
 
 Target: the defect mask on tissue, ``mask & (image != 0)``: a fold band or a resin-filled gap;
 a crack gap left empty is no data (0), which every consumer already treats as "nothing here", so
@@ -30,8 +30,8 @@ API summary
 * ``defect_pool(recipe, source, sections=None, count=None, seed=0, settings=None) -> DefectPool``
   (images, targets).
 * ``train_detector(recipe, *, steps=None, seed=0, log=print) -> (EncoderUNet, TrainingLog)``.
-* ``evaluate_detector(model, recipe, *, seed=1000, threshold=0.5, settings=None) -> dict`` on the held-out
-  sections: pixel precision / recall / IoU on synthetic defects, and the false-positive area on
+* ``evaluate_detector(model, recipe, *, seed=1000, threshold=0.5, settings=None) -> dict`` on the
+  held-out sections: pixel precision / recall / IoU on synthetic defects, and the false-positive area on
   the clean sections (with and without artifacts).
 """
 
