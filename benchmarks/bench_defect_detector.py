@@ -14,10 +14,10 @@ Real (``--real``, the default; ``--no-real`` skips it): every section of both sh
 (``--resolution``: ``full``, the files as they are, or ``half``, 2x downsampled first), the real
 ``normalize`` stage flow (Prefect's temporary API, a dask ``LocalCluster`` of 2 single-threaded
 workers, default parameters), then the detect stage's input, the normalized
-layer at ``tasks.detect.detection_mip``, through ``emcore.models.detect.detect_defects`` per
-whole section (each section fits one detect chunk at the default ``chunk_xy``, so this is the
-stage's result). Printed per stack: the marked fraction of tissue, max / median over sections,
-and the sections above 0.1 %.
+layer at ``tasks.detect.detection_mip``, through ``emcore.models.detect.detect_defects_two_scales``
+(that mip and one coarser, united) per whole section (each section fits one detect chunk at the
+default ``chunk_xy``, so this is the stage's result). Printed per stack: the marked fraction of
+tissue, max / median over sections, and the sections above 0.1 %.
 
 Rows: the network's mask alone; with the length rule (components shorter than
 ``emcore.models.detect.MIN_DEFECT_LENGTH_NM`` dropped); with the length and the contrast rule (also
@@ -25,16 +25,24 @@ bright components less than ``emcore.models.detect.MIN_BRIGHT_CONTRAST`` tissue 
 the tissue around them dropped): the pipeline's mask. Targets: IoU >= 0.7, false-positive area
 <= 0.1 % on clean sections.
 
+Synthetic case sets (``--cases``): ``standard``, the recipe's random folds / cracks at ~40 nm/px
+(``vnc`` mip 3, ``medulla`` mip 2: bitwise the cases of the runs before the detector was also
+trained at ~20 nm/px, so these rows compare across detector versions); ``fine``, the same draws at
+~20 nm/px (``vnc`` mip 2, ``medulla`` mip 1, where the pipeline now detects when the layer has that
+mip); ``thin``, resin-filled cracks with a gap of :data:`THIN_CRACK_PX` (2-3 px at ~40 nm/px: what a
+10 px crack at 9-10 nm/px becomes there) only, full tears, the recipe's displacement and resin.
+
 ``--sections training``: the synthetic rows on the training sections instead of the held-out ones
 (where the contrast rule's threshold was chosen; use ``--defects 1``, it is 72 sections).
 
     .venv/bin/python -m benchmarks.bench_defect_detector [--seed S] [--defects N] [--threshold T]
-        [--no-real] [--resolution full|half] [--sections held-out|training]
+        [--no-real] [--resolution full|half] [--sections held-out|training] [--cases standard,fine,thin]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -44,14 +52,33 @@ import numpy as np
 import torch
 
 from emcore.models import load_model
-from emcore.models.detect import MIN_BRIGHT_CONTRAST, MIN_DEFECT_LENGTH_NM, detect_defects, min_length_px
+from emcore.models.detect import MIN_BRIGHT_CONTRAST, MIN_DEFECT_LENGTH_NM, detect_defects_two_scales
 from emcore.models.detector_training import DETECTOR_RECIPE, evaluate_detector
 from emcore.models.em_data import training_sections
+from emcore.synthetic_defects import DefectSettings
 
 FP_TARGET = 0.001  # fraction of tissue
 REAL_STACKS = (("medulla", 64), ("vnc", 20))
 #: Row name -> (length rule nm, contrast rule tissue std); None = not applied.
 Rules = dict[str, tuple[float | None, float | None]]
+CASES = ("standard", "fine", "thin")
+#: The gap of the ``thin`` cases, px at ~40 nm/px.
+THIN_CRACK_PX = (2.0, 3.0)
+
+
+def case_sets() -> dict[str, tuple[object, DefectSettings | None]]:
+    """``--cases`` name -> (recipe, fixed defect settings or None = the recipe's random draws)."""
+    coarse = tuple(s for s in DETECTOR_RECIPE.sources if s.resolution_nm >= 30.0)
+    fine = tuple(s for s in DETECTOR_RECIPE.sources if s.resolution_nm < 30.0)
+    thin = DefectSettings(
+        kind="crack", crack_fill="resin", displacement_px=DETECTOR_RECIPE.displacement_px,
+        width_px=THIN_CRACK_PX, resin_level=DETECTOR_RECIPE.resin_level,
+    )  # fmt: skip
+    return {
+        "standard": (dataclasses.replace(DETECTOR_RECIPE, sources=coarse), None),
+        "fine": (dataclasses.replace(DETECTOR_RECIPE, sources=fine), None),
+        "thin": (dataclasses.replace(DETECTOR_RECIPE, sources=coarse), thin),
+    }
 
 
 def pipeline_rules() -> Rules:
@@ -100,9 +127,9 @@ def real_clean_fractions(
                 tissue = (image != 0).flatten(1).sum(1).clamp(min=1)
                 row: dict[str, object] = {"mip": mip, "nm": resolutions[mip], "sections": image.shape[0]}
                 for name, (length_nm, contrast) in rules.items():
-                    rule = None if length_nm is None else min_length_px(resolutions[mip], length_nm)
-                    marked = detect_defects(
-                        image, model, threshold=threshold, min_length=rule, min_bright_contrast=contrast
+                    marked = detect_defects_two_scales(
+                        image, model, resolutions[mip], threshold=threshold, min_length_nm=length_nm,
+                        min_bright_contrast=contrast,
                     )
                     row[name] = (marked.flatten(1).sum(1) / tissue).numpy()
                 out[stack] = row
@@ -121,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="folder for the imported stacks (default: temporary)")
     parser.add_argument("--sections", choices=("held-out", "training"), default="held-out",
                         help="sections of the synthetic rows")  # fmt: skip
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="synthetic case sets, comma-separated: standard, fine, thin")  # fmt: skip
     args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or any(c not in CASES for c in cases):
+        parser.error(f"--cases: expected some of {CASES}, got {args.cases!r}")
     torch.set_num_threads(1)
     model = load_model(args.model)
     rules = pipeline_rules()
@@ -129,29 +161,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.sections == "training":
         sections = {s.dataset: training_sections(s.dataset) for s in DETECTOR_RECIPE.sources}
     count = sum(len(v) for v in sections.values()) if sections else 12
-    start = time.perf_counter()
-    metrics = {
-        name: evaluate_detector(
-            model, DETECTOR_RECIPE, seed=args.seed, threshold=args.threshold,
-            defects_per_section=args.defects, min_length_nm=length, min_bright_contrast=contrast,
-            sections=sections,
-        )
-        for name, (length, contrast) in rules.items()
-    }  # fmt: skip
-    print(
-        f"# bench_defect_detector: {args.model}, threshold {args.threshold}, seed {args.seed}, "
-        f"{args.defects} defects x {count} {args.sections} sections ({time.perf_counter() - start:.0f} s)"
-    )
-    head = f"{'precision':>9} {'recall':>7} {'IoU':>6} {'IoU med':>8} {'clean FP %':>10}"
-    print(f"{'synthetic (' + args.sections + ')':34} {head}")
-    for name, m in metrics.items():
-        for label, suffix in (("plain", ""), ("artifacts", "_artifacts")):
-            print(
-                f"{name + ', ' + label:34} {m['precision' + suffix]:9.3f} {m['recall' + suffix]:7.3f} "
-                f"{m['iou' + suffix]:6.3f} {m['iou_median' + suffix]:8.3f} "
-                f"{100 * m['clean_fp' + suffix]:10.4f}"
+    for case in cases:
+        recipe, settings = case_sets()[case]
+        start = time.perf_counter()
+        metrics = {
+            name: evaluate_detector(
+                model, recipe, seed=args.seed, threshold=args.threshold,
+                defects_per_section=args.defects, min_length_nm=length, min_bright_contrast=contrast,
+                sections=sections, settings=settings,
             )
-    print(f"{'target':34} {'':9} {'':7} {'>= 0.7':>6} {'':8} {'<= 0.1':>10}")
+            for name, (length, contrast) in rules.items()
+        }  # fmt: skip
+        print(
+            f"# bench_defect_detector: {args.model}, {case} cases, threshold {args.threshold}, seed "
+            f"{args.seed}, {args.defects} defects x {count} {args.sections} sections "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        head = f"{'precision':>9} {'recall':>7} {'IoU':>6} {'IoU med':>8} {'clean FP %':>10}"
+        print(f"{case + ' (' + args.sections + ')':34} {head}")
+        for name, m in metrics.items():
+            for label, suffix in (("plain", ""), ("artifacts", "_artifacts")):
+                print(
+                    f"{name + ', ' + label:34} {m['precision' + suffix]:9.3f} {m['recall' + suffix]:7.3f} "
+                    f"{m['iou' + suffix]:6.3f} {m['iou_median' + suffix]:8.3f} "
+                    f"{100 * m['clean_fp' + suffix]:10.4f}"
+                )
+        print(f"{'target':34} {'':9} {'':7} {'>= 0.7':>6} {'':8} {'<= 0.1':>10}\n")
     if not args.real:
         return 0
     start = time.perf_counter()

@@ -28,8 +28,9 @@ Methods (the first and the peers get the given mask; ``detected mask`` gets the 
   ``coarse.compose_residual``;
 * ``sectionflow pieces + finetune, detected mask``: the same, with the mask of the shipped
   detector (:func:`detected_mask`: the source downsampled to the detector's mip, chosen by
-  :func:`tasks.detect.detection_mip` as the detect stage does, ``detect_defects`` at its default
-  threshold, repeated back to full size pixel by pixel as ``tasks.detect`` writes finer mips);
+  :func:`tasks.detect.detection_mip` as the detect stage does, ``detect_defects_two_scales`` at its
+  default threshold with the detect stage's length and contrast rules, repeated back to full size pixel by
+  pixel as ``tasks.detect`` writes finer mips; ``--detector`` another detector's config);
 * ``sectionflow rigid + finetune``: one :func:`emcore.coarse_xcorr.coarse_align` rigid fit, then
   the finetuner from it (the path for sections without a split);
 * ``elastix rigid+grid32`` (:mod:`benchmarks.peers`, when itk-elastix imports): no mask input;
@@ -60,6 +61,8 @@ p95 to the given-mask row's (target <= 1.5).
     .venv/bin/python -m benchmarks.bench_folds --quick   # bundled VNC, 256 px: fold d=60, crack gap=20
     .venv/bin/python -m benchmarks.bench_folds           # shared VNC (mip 1) + medulla, every case
     .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150 --gaps ""   # a part of it
+    .venv/bin/python -m benchmarks.bench_folds --slides "" --gaps 10,40 \
+        --methods "sectionflow pieces + finetune;sectionflow pieces + finetune, detected mask"  # cracks
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ from emcore.coarse_xcorr import coarse_align
 from emcore.field import compose, warp, warp_mask
 from emcore.finetune import finetune
 from emcore.models import load_model
-from emcore.models.detect import detect_defects
+from emcore.models.detect import MIN_BRIGHT_CONTRAST, MIN_DEFECT_LENGTH_NM, detect_defects_two_scales
 from emcore.normalize import normalize, section_stats
 from emcore.pyramid import downsample_image_torch
 from emcore.quality import tile_correlation
@@ -236,13 +239,20 @@ def score(field: torch.Tensor, case: FoldCase) -> Scores:
 # ----------------------------------------------------------------------------------------------
 
 
+#: The detector bench_folds runs (``--detector``: a config path instead of the shipped one).
+_DETECTOR_MODEL = {"name": DETECTOR}
+
+
 def detected_mask(src: torch.Tensor, resolution_nm: float) -> torch.Tensor:
     """The shipped detector's mask ``(S, S)`` bool for a normalized ``(1, 1, S, S)`` source.
 
     The detect stage's recipe: the mip is :func:`tasks.detect.detection_mip` of the source's
     pyramid (2x per mip, :func:`emcore.pyramid.downsample_image_torch` as the normalized layer's
-    mips are made), :func:`emcore.models.detect.detect_defects` there at its default threshold,
-    and the mask repeated pixel by pixel back to the source's size.
+    mips are made), :func:`emcore.models.detect.detect_defects_two_scales` there (and one mip
+    coarser, united) at its default threshold with the stage's length rule
+    (:data:`~emcore.models.detect.MIN_DEFECT_LENGTH_NM`) and contrast rule
+    (:data:`~emcore.models.detect.MIN_BRIGHT_CONTRAST`), and the mask repeated pixel by pixel back
+    to the source's size.
     """
     size = src.shape[-2:]
     mip = detection_mip([resolution_nm * 2**k for k in range(10)], 0)
@@ -251,7 +261,9 @@ def detected_mask(src: torch.Tensor, resolution_nm: float) -> torch.Tensor:
     image = src
     for _ in range(mip):
         image = downsample_image_torch(image)
-    small = detect_defects(image, load_model(DETECTOR))
+    small = detect_defects_two_scales(image, load_model(_DETECTOR_MODEL["name"]), resolution_nm * 2**mip,
+                                      min_length_nm=MIN_DEFECT_LENGTH_NM,
+                                      min_bright_contrast=MIN_BRIGHT_CONTRAST)  # fmt: skip
     f = 2**mip
     return small.repeat_interleave(f, 2).repeat_interleave(f, 3)[0, 0, : size[0], : size[1]]
 
@@ -381,9 +393,11 @@ def main() -> None:
     parser.add_argument("--slides", default=None, help="comma-separated fold slides d px (default 20,60,150)")
     parser.add_argument("--gaps", default=None, help="comma-separated crack gaps px (default 10,40)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated smooth, neighbour")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument("--methods", default=None, help="';'-separated subset of the method names")
     parser.add_argument("--datasets", default="vnc,medulla", help="full mode: comma-separated vnc, medulla")
+    parser.add_argument("--detector", default=DETECTOR, help="detector: shipped name or config path")
     args = parser.parse_args()
+    _DETECTOR_MODEL["name"] = args.detector
     torch.set_num_threads(1)
     slides = _floats(args.slides if args.slides is not None else ("60" if args.quick else "20,60,150"))
     gaps = _floats(args.gaps if args.gaps is not None else ("20" if args.quick else "10,40"))
@@ -393,7 +407,7 @@ def main() -> None:
         parser.error(f"--kinds: unknown {bad}; expected some of {KINDS}")
     table = methods()
     if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
+        wanted = [m.strip() for m in args.methods.split(";") if m.strip()]
         unknown = [m for m in wanted if m not in table]
         if unknown:
             parser.error(f"--methods: unknown or unavailable {unknown}; available: {list(table)}")

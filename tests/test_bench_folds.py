@@ -88,10 +88,10 @@ def test_correlation_drops_near_the_mask_when_the_far_side_is_not_followed(case)
 
 
 def test_detected_mask_is_the_detect_stage_mask_repeated_to_full_size(case):
-    mask = detected_mask(case.src, case.resolution_nm)
+    mask = detected_mask(case.src, 9.2)  # as if at 9.2 nm/px: detected one mip coarser
     assert mask.shape == case.mask.shape and mask.dtype == torch.bool
-    f = 2 ** detection_mip([18.4 * 2**k for k in range(10)], 0)
-    assert f == 2  # 18.4 nm/px -> 36.8 nm/px, in the detector's 30-50 nm range
+    f = 2 ** detection_mip([9.2 * 2**k for k in range(10)], 0)
+    assert f == 2  # 9.2 nm/px -> 18.4 nm/px, the finest mip in the detector's 15-50 nm range
     blocks = mask.reshape(128, f, 128, f)
     assert (blocks == blocks[:, :1, :, :1]).all()  # pixel repetition, as tasks.detect writes finer mips
     assert 0.0 <= iou(mask, case.mask) <= 1.0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from emcore.field import warp
 from emcore.models import load_model
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
 from emcore.models.detect import (
@@ -17,6 +18,7 @@ from emcore.models.detect import (
     component_lengths,
     defect_probability,
     detect_defects,
+    detect_defects_two_scales,
     drop_faint_bright_components,
     drop_short_components,
     min_length_px,
@@ -24,12 +26,15 @@ from emcore.models.detect import (
 from emcore.models.detector_training import DETECTOR_RECIPE, defect_pool, train_detector
 from emcore.models.em_data import DATASETS, HELD_OUT, load_stack
 from emcore.models.training import Source
+from emcore.synthetic import torn_fold_field
 from emcore.synthetic_defects import DefectSettings, make_defect
+from tasks.detect import detection_mip
 
 # Measured with the shipped weights (see emcore/models/weights/README.md); the floors leave room for
 # floating-point differences between machines, and fail for an untrained network.
 FOLD_IOU_FLOOR = 0.8
 CLEAN_MARKED_CEILING = 0.005
+THIN_CRACK_IOU_FLOOR = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,7 @@ def test_a_short_training_run_learns_something():
 # -- the length rule (emcore.models.detect.drop_short_components) -------------------------------------
 VNC_MIP3_NM = DATASETS["vnc"].base_nm * 2**3  # 36.8 nm/px
 MEDULLA_MIP2_NM = DATASETS["medulla"].base_nm * 2**2  # 40 nm/px
+VNC_MIP2_NM = DATASETS["vnc"].base_nm * 2**2  # 18.4 nm/px
 
 
 def test_component_lengths_are_max_feret_diameters():
@@ -158,10 +164,11 @@ def test_the_length_rule_keeps_a_fold_band_and_drops_a_blob_on_a_real_section(de
 
 def test_the_length_rule_clears_the_dark_process_of_medulla_0(detector):
     """Medulla section 0 (a clean real section): the network alone marks a dark, thick cell profile
-    (about 1 % of the section, measured 1.28 %); every piece of it is shorter than 1.6 um."""
+    (measured 0.33 % of the section; 1.28 % by the detector before it was also trained at ~20 nm/px);
+    every piece of it is shorter than 1.6 um."""
     section = load_stack("medulla", 2, [0])
     raw = detect_defects(section, detector)
-    assert float(raw.float().mean()) > 0.005
+    assert float(raw.float().mean()) > 0.002
     kept = detect_defects(section, detector, min_length=min_length_px(MEDULLA_MIP2_NM))
     assert not kept.any()
 
@@ -203,9 +210,10 @@ def test_component_contrasts_compare_a_component_with_the_tissue_around_it():
 @pytest.mark.parametrize("kind", ["crack", "fold"])
 def test_the_contrast_rule_drops_a_blurred_bright_process_and_keeps_the_defect(detector, kind):
     """Held-out medulla 57 with blur and a brightness gradient (the artifact draw of seed 19): with the
-    length rule alone the network marks part of its large bright process at the bottom (56.7 px long,
-    1.22 std brighter than the tissue around it; benchmark seed 1000 marks the same process), beside
-    a resin crack (1.9 std) or a fold band; with the contrast rule the process goes, the band stays."""
+    length rule alone the detector before issue 16's ~20 nm training marked part of its large bright
+    process at the bottom (56.7 px long, 1.22 std brighter than the tissue around it; benchmark seed
+    1000 marks the same process), beside a resin crack (1.9 std) or a fold band; with the contrast
+    rule the process goes, the band stays."""
     section = load_stack("medulla", 2, [57])
     settings = DefectSettings(
         kind=kind, crack_fill="resin", displacement_px=(10.0, 30.0), width_px=(6.0, 12.0),
@@ -218,7 +226,9 @@ def test_the_contrast_rule_drops_a_blurred_bright_process_and_keeps_the_defect(d
     rule = min_length_px(MEDULLA_MIP2_NM)
     raw = detect_defects(image, detector, min_length=rule)
     kept = detect_defects(image, detector, min_length=rule, min_bright_contrast=MIN_BRIGHT_CONTRAST)
-    assert int((raw & ~target).sum()) > 300  # the process, marked without the rule
+    # The process, marked without the rule: > 300 px by the detector before it was also trained at
+    # ~20 nm/px, 29 px by the shipped one (measured); the rule never adds.
+    assert int((kept & ~target).sum()) <= int((raw & ~target).sum())
     assert int((kept & ~target).sum()) < 0.05 * int(target.sum())
     assert torch.equal(kept & target, raw & target)  # nothing of the band is lost
     assert float((kept & target).sum() / (kept | target).sum()) > FOLD_IOU_FLOOR
@@ -230,3 +240,53 @@ def test_the_contrast_rule_checks_its_input():
         drop_faint_bright_components(mask, torch.zeros(1, 1, 8, 9), 1.0)
     with pytest.raises(ValueError, match=r"bool \(N, 1, H, W\)"):
         drop_faint_bright_components(mask.float(), torch.zeros(1, 1, 8, 8), 1.0)
+
+
+# -- thin cracks (issue 16: a 10 px crack at 9.2 nm/px is 2.5 px at 36.8 nm/px, 5 px at 18.4 nm/px) -------
+def _straight_resin_crack(section: torch.Tensor, gap_px: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """bench_folds' crack on a ``(1, 1, S, S)`` section: a straight gap of ``gap_px`` at 30 deg,
+    10 % of the size off centre, bright resin (2.25 std) + noise 0.2; returns (image, gap mask)."""
+    size = section.shape[-1]
+    applied, mask, _ = torn_fold_field(size, size, angle_deg=30.0, offset_px=0.1 * size, fold_width_px=gap_px)
+    moved = warp(section, applied)
+    noise = 0.2 * torch.randn(section.shape, generator=torch.Generator().manual_seed(0))
+    image = torch.where(mask, torch.full_like(moved, 2.25), moved) + noise
+    return torch.where((moved != 0) | mask, image, torch.zeros_like(image)), mask
+
+
+def test_the_detect_mip_of_a_fine_layer_is_near_20_nm():
+    """A 4.6 nm/px layer (the VNC stack) with its finetune mip at 18.4 nm: the detector runs there,
+    not at 36.8 nm (the range it was trained on before issue 16's thin cracks)."""
+    assert detection_mip([4.6 * 2**k for k in range(6)], 2) == 2
+    assert detection_mip([10.0 * 2**k for k in range(6)], 1) == 1  # medulla: 20 nm
+    assert detection_mip([40.0 * 2**k for k in range(4)], 0) == 0
+    assert detection_mip([60.0 * 2**k for k in range(4)], 0) is None
+
+
+def test_a_thin_resin_crack_is_marked_at_the_detect_mip(detector):
+    """Held-out vnc 17 at mip 2 (18.4 nm/px, the detect mip of the VNC stack) with a straight 5 px
+    resin crack (bench_folds' 10 px crack at 9.2 nm/px), run with the pipeline's rules: the crack
+    is marked (measured IoU 0.945 with the gap); the same section without it, nothing."""
+    section = load_stack("vnc", 2, [17])
+    cracked, gap = _straight_resin_crack(section, 5.0)
+    rules = {"min_length": min_length_px(VNC_MIP2_NM), "min_bright_contrast": MIN_BRIGHT_CONTRAST}
+    marked = detect_defects(cracked, detector, **rules)
+    iou = float((marked & gap).sum() / (marked | gap).sum())
+    assert iou > THIN_CRACK_IOU_FLOOR, iou
+    assert not detect_defects(section, detector, **rules).any()
+
+
+def test_two_scales_find_thin_and_wide_cracks(detector):
+    """The pipeline's two scales (the detect mip and one coarser) on held-out vnc 17 at 18.4 nm/px:
+    a 5 px crack is found at 18.4 nm, a 24 px one (wider than the 3-16 px of training) only at
+    36.8 nm (measured IoU 0.000 at 18.4 nm alone, 0.959 with both); on the clean section nothing."""
+    section = load_stack("vnc", 2, [17])
+    for gap_px in (5.0, 24.0):
+        cracked, gap = _straight_resin_crack(section, gap_px)
+        marked = detect_defects_two_scales(cracked, detector, VNC_MIP2_NM)
+        iou = float((marked & gap).sum() / (marked | gap).sum())
+        assert iou > FOLD_IOU_FLOOR, (gap_px, iou)
+        assert not marked[cracked == 0].any()
+    assert not detect_defects_two_scales(section, detector, VNC_MIP2_NM).any()
+    with pytest.raises(ValueError, match="outside the detector's range"):
+        detect_defects_two_scales(section, detector, 9.2)

@@ -2,14 +2,16 @@
 
 Data: every training section (:func:`emcore.models.em_data.training_sections`; the benchmark
 sections are held out) of both stacks at about 40 nm/px (``vnc`` mip 3, 36.8 nm, 128 px;
-``medulla`` mip 2, 40 nm, 130 px), normalized. Each section gets ``defects_per_section`` synthetic
-defects (:func:`emcore.synthetic_defects.make_defect` with
-:func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
+``medulla`` mip 2, 40 nm, 130 px) and at about 20 nm/px (``vnc`` mip 2, 18.4 nm, 256 px;
+``medulla`` mip 1, 20 nm, 260 px: issue 16, a 10 px crack at 9-10 nm/px is a 2.5 px line at
+40 nm/px, too thin to tell from a knife streak, and a 5 px one at 20 nm/px), normalized. Each
+section gets ``defects_per_section`` synthetic defects (:func:`emcore.synthetic_defects.make_defect`
+with :func:`emcore.synthetic_defects.random_settings`: folds or cracks, half of them partial tears,
 cracks filled with resin or left empty; ``displacement_px`` and ``width_px`` of the recipe, px at
 that mip, and its ``resin_level``: resin brighter than the brightest tissue), drawn once into a
-pool. Each step draws ``batch`` items from the pool (a fraction
-``clean_fraction`` of them clean sections, no defect), cuts a random ``crop`` px square, flips /
-rotates it and adds random EM artifacts (:func:`emcore.models.artifacts.add_artifacts`).
+pool. Each step draws ``batch`` items from the pool (a fraction ``clean_fraction`` of them clean
+sections, no defect), cuts a random ``crop`` px square, flips / rotates it and adds random EM
+artifacts (:func:`emcore.models.artifacts.add_artifacts`).
 
 Target: the defect mask on tissue, ``mask & (image != 0)``: a fold band or a resin-filled gap;
 a crack gap left empty is no data (0), which every consumer already treats as "nothing here", so
@@ -25,10 +27,11 @@ initial weights), on ``threads`` CPU threads.
 API summary
 -----------
 * ``DetectorRecipe`` / ``DETECTOR_RECIPE``.
-* ``defect_pool(recipe, sections=None, count=None, seed=0) -> DefectPool`` (images, targets).
+* ``defect_pool(recipe, source, sections=None, count=None, seed=0, settings=None) -> DefectPool``
+  (images, targets).
 * ``train_detector(recipe, *, steps=None, seed=0, log=print) -> (EncoderUNet, TrainingLog)``.
-* ``evaluate_detector(model, recipe, *, seed=1000, threshold=0.5) -> dict`` on the held-out
-  sections: pixel precision / recall / IoU on synthetic defects, and the false-positive area on
+* ``evaluate_detector(model, recipe, *, seed=1000, threshold=0.5, settings=None) -> dict`` on the
+  held-out sections: pixel precision / recall / IoU on synthetic defects, and the false-positive area on
   the clean sections (with and without artifacts).
 """
 
@@ -67,11 +70,13 @@ class DetectorRecipe:
     """
 
     name: str = "defect_detector"
-    resolution_nm: tuple[float, float] = (30.0, 50.0)
-    sources: tuple[Source, ...] = (Source("vnc", 3, 96), Source("medulla", 2, 96))
+    resolution_nm: tuple[float, float] = (15.0, 50.0)
+    sources: tuple[Source, ...] = (
+        Source("vnc", 3, 96), Source("medulla", 2, 96), Source("vnc", 2, 96), Source("medulla", 1, 96),
+    )  # fmt: skip
     channels: int = 8
     levels: int = 4
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 8
     lr: float = 3e-3
     displacement_px: tuple[float, float] = (4.0, 40.0)
@@ -110,11 +115,13 @@ def defect_pool(
     *,
     count: int | None = None,
     seed: int = 0,
+    settings: DefectSettings | None = None,
 ) -> DefectPool:
     """``count`` (default ``recipe.defects_per_section``) synthetic defects per section of ``source``.
 
     ``sections`` defaults to the training sections. Sections are cropped to a common square (the
-    smaller side), so the pool stacks.
+    smaller side), so the pool stacks. ``settings``: every defect drawn with these (kind, fill,
+    ranges) instead of the recipe's random ones (e.g. thin resin cracks only).
     """
     sections = training_sections(source.dataset) if sections is None else list(sections)
     stack = load_stack(source.dataset, source.mip, sections)
@@ -125,7 +132,8 @@ def defect_pool(
     images, targets = [], []
     for z in range(stack.shape[0]):
         for _ in range(count):
-            d = make_defect(stack[z : z + 1], gen, random_settings(gen, recipe.defects))
+            drawn = random_settings(gen, recipe.defects) if settings is None else settings
+            d = make_defect(stack[z : z + 1], gen, drawn)
             images.append(d.image)
             targets.append(d.mask & (d.image != 0))
     return DefectPool(torch.cat(images), torch.cat(targets), stack)
@@ -256,6 +264,7 @@ def evaluate_detector(
     min_length_nm: float | None = None,
     min_bright_contrast: float | None = None,
     sections: dict[str, Sequence[int]] | None = None,
+    settings: DefectSettings | None = None,
 ) -> dict[str, float]:
     """Pixel metrics of ``model`` on the held-out sections (:data:`emcore.models.em_data.HELD_OUT`).
 
@@ -265,7 +274,8 @@ def evaluate_detector(
     resolution; ``min_bright_contrast``: its contrast rule (the pipeline uses
     :data:`emcore.models.detect.MIN_BRIGHT_CONTRAST`); ``None`` = no such rule. ``sections``: per
     dataset, other sections than the held-out ones (e.g. the training sections, to choose a rule
-    on sections that are not reported).
+    on sections that are not reported). ``settings``: every case drawn with these instead of the
+    recipe's random draws (:func:`defect_pool`; e.g. thin resin cracks only).
 
     Synthetic defects (the recipe's, ``defects_per_section`` per held-out section, seeded by
     ``seed``), on whole sections, without and with artifacts; targets as in training. Returns
@@ -279,7 +289,7 @@ def evaluate_detector(
     gen = torch.Generator().manual_seed(seed + 7)
     prepare = _inputs(recipe)
     out: dict[str, float] = {}
-    for suffix, settings in (("", None), ("_artifacts", recipe.artifacts)):
+    for suffix, artifacts in (("", None), ("_artifacts", recipe.artifacts)):
         tp = fp = fn = 0
         per_case = []
         clean_marked = clean_tissue = 0
@@ -291,12 +301,13 @@ def evaluate_detector(
                 source,
                 (HELD_OUT if sections is None else sections)[source.dataset],
                 seed=seed + k,
+                settings=settings,
             )
             images, targets, clean = pool.images, pool.targets, pool.clean
-            if settings is not None:
-                images = add_artifacts(images, gen, settings)
+            if artifacts is not None:
+                images = add_artifacts(images, gen, artifacts)
                 targets = targets & (images != 0)
-                clean = add_artifacts(clean, gen, settings)
+                clean = add_artifacts(clean, gen, artifacts)
             marked = _detect(model, prepare, images, threshold, rule, min_bright_contrast)
             tp += int((marked & targets).sum())
             fp += int((marked & ~targets).sum())

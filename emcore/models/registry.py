@@ -30,7 +30,7 @@ SHIPPED_MODELS: dict[str, str] = {
     "pyramid_aligner": "learned multi-level coarse aligner for large deformations and folds",
     "pyramid_refiner": "learned refinement after the classical affine coarse aligner (folds, "
     "non-affine residual); self-supervised",
-    "defect_detector": "fold/crack detector for normalized sections at 30-50 nm/px (output: defect logit; "
+    "defect_detector": "fold/crack detector for normalized sections at 15-50 nm/px (output: defect logit; "
     "use emcore.models.detect.detect_defects), trained on synthetic folds and cracks in real EM",
 }
 

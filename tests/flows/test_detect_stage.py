@@ -43,18 +43,18 @@ def test_the_detector_mask_finds_the_fold_and_becomes_the_defects_layer(folded_s
     run_stage(normalize_flow, params, dask_address)
     summary = run_stage(detect_flow, params, dask_address)
     layout = Layout(params.output)
-    assert summary["defects"] == layout.detected_defects and summary["mip"] == 3  # 36.8 nm/px
+    assert summary["defects"] == layout.detected_defects and summary["mip"] == 2  # 18.4 nm/px
     assert with_detected_defects(params).defects == layout.detected_defects
     mask = open_layer(layout.detected_defects)
     assert mask.info.get("sectionflow", {}).get("kind", "mask") == "mask"
-    detected = torch.from_numpy(mask.read(mask.bounds(3), 3)[:, 0] != 0)  # (3, 128, 128)
-    truth = F.avg_pool2d(band[None, None].float(), 8)[0, 0] >= 0.5  # the band at mip 3
+    detected = torch.from_numpy(mask.read(mask.bounds(2), 2)[:, 0] != 0)  # (3, 256, 256)
+    truth = F.avg_pool2d(band[None, None].float(), 4)[0, 0] >= 0.5  # the band at mip 2
     iou = float((detected[FOLDED] & truth).sum() / (detected[FOLDED] | truth).sum())
-    assert iou > 0.7, iou  # the issue's target; measured 0.974 (1496 of 1526 marked px on the band)
+    assert iou > 0.7, iou  # the issue's target (0.974 at 36.8 nm, one scale, before issue 16's thin cracks)
     for z in (0, 2):  # clean sections
         assert float(detected[z].float().mean()) < 0.005, z
     fine = mask.read(VoxelBox((0, 0, FOLDED), (1024, 1024, FOLDED + 1)), 0)[0, 0] != 0
-    assert np.array_equal(fine[::8, ::8], detected[FOLDED].numpy())  # mip 0 = the mip-3 mask, repeated
+    assert np.array_equal(fine[::4, ::4], detected[FOLDED].numpy())  # mip 0 = the mip-2 mask, repeated
     again = run_stage(detect_flow, params, dask_address)
     assert again["done"] == 0 and again["skipped"] == summary["done"] + summary["skipped"]
 
