@@ -218,7 +218,7 @@ def detect_flow(params: AlignParams) -> dict[str, Any]:
     mip = detection_mip(resolutions, params.finetune_mip)
     if mip is None:
         get_run_logger().warning(
-            "detect_defects: no mip of %s at or above the finetune mip is within the detector's 30-50 "
+            "detect_defects: no mip of %s at or above the finetune mip is within the detector's 15-50 "
             "nm/px (mips: %s nm/px): aligned without a defect mask", normalized.path, resolutions,
         )
         return {"stage": "detect", "done": 0, "skipped": 0, "defects": None}
