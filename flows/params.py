@@ -59,8 +59,9 @@ class AlignParams(BaseModel):
         description='without a defects layer: "auto" (default) runs the shipped fold/crack detector on '
         "the normalized sections (at the first mip of 15-50 nm/px at or above finetune_mip and one mip "
         "coarser, united; none: skipped with a warning) and uses its mask, written to "
-        '<out>/masks/detected, as the defects layer; "none" aligns without a mask; a mask layer path means defects=<that layer> (your own '
-        "detector's mask, or one from an earlier run's <out>/masks/detected)",
+        '<out>/masks/detected, as the defects layer; "none" aligns without a mask; a mask layer path '
+        "means defects=<that layer> (your own detector's mask, or one from an earlier run's "
+        "<out>/masks/detected)",
     )
     true_fields: str | None = Field(
         None,
