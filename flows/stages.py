@@ -30,7 +30,7 @@ from flows.layout import Layout
 from flows.params import AlignParams, DownsampleParams
 from tasks.affine import refine_section_affines, section_affines
 from tasks.coarse import coarse_pair_task
-from tasks.detect import DETECTOR, detect_chunk_task, detection_mip
+from tasks.detect import DETECTOR, detect_chunk_px, detect_chunk_task, detection_mip
 from tasks.encode import encode_chunk_task, resolve_encoder
 from tasks.finetune import blend_chunk_task, finetune_chunk_task, pair_residual_affines
 from tasks.markers import count
@@ -224,10 +224,11 @@ def detect_flow(params: AlignParams) -> dict[str, Any]:
         return {"stage": "detect", "done": 0, "skipped": 0, "defects": None}
     out = _create_like(params.source_layer(), layout.detected_defects, "mask", "uint8")
     region = params.region(out, mip)
+    side = detect_chunk_px(params.chunk_xy)
     outcomes = run_chunks(
         detect_chunk_task,
         [dict(normalized=normalized.path, output=out.path, box=box, mip=mip, pad=params.pad)
-         for box in out.grid(mip).chunks(region, (params.chunk_xy, params.chunk_xy, 1))],
+         for box in out.grid(mip).chunks(region, (side, side, 1))],
         "detect",
     )  # fmt: skip
     marked: dict[int, int] = {}

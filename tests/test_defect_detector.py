@@ -28,7 +28,7 @@ from emcore.models.em_data import DATASETS, HELD_OUT, load_stack
 from emcore.models.training import Source
 from emcore.synthetic import torn_fold_field
 from emcore.synthetic_defects import DefectSettings, make_defect
-from tasks.detect import detection_mip
+from tasks.detect import detect_chunk_px, detection_mip
 
 # Measured with the shipped weights (see emcore/models/weights/README.md); the floors leave room for
 # floating-point differences between machines, and fail for an untrained network.
@@ -290,3 +290,9 @@ def test_two_scales_find_thin_and_wide_cracks(detector):
     assert not detect_defects_two_scales(section, detector, VNC_MIP2_NM).any()
     with pytest.raises(ValueError, match="outside the detector's range"):
         detect_defects_two_scales(section, detector, 9.2)
+
+
+def test_detect_chunks_are_large_enough_that_the_context_costs_little():
+    # At 18.4 nm/px the length rule's context is 88 px per side: at least 512 px chunks, a multiple
+    # of the processing chunk (so they stay aligned with the storage chunks).
+    assert [detect_chunk_px(c) for c in (64, 128, 256, 384, 1024)] == [512, 512, 512, 768, 1024]
