@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from emcore.bundled import REDUCED_MIP
 from emcore.field import warp
 from emcore.models import load_model
 from emcore.models.artifacts import ArtifactSettings, add_artifacts
@@ -76,9 +77,11 @@ def test_shipped_detector_finds_a_resin_crack_on_a_held_out_section(detector, he
 
 
 def test_shipped_detector_leaves_the_clean_held_out_sections_alone(detector):
-    """All 12 held-out sections of both stacks, no defect: the marked fraction of their tissue."""
+    """All 12 held-out sections of both stacks, no defect: the marked fraction of their tissue, at
+    each training resolution the repository ships (mip >= 2: vnc 18.4 and 36.8 nm, medulla 40 nm;
+    medulla at 20 nm is mip 1, only in the shared data: ``bench_defect_detector`` measures it)."""
     marked = tissue = 0
-    for source in DETECTOR_RECIPE.sources:
+    for source in [s for s in DETECTOR_RECIPE.sources if s.mip >= REDUCED_MIP]:
         clean = load_stack(source.dataset, source.mip, HELD_OUT[source.dataset])
         marked += int(detect_defects(clean, detector).sum())
         tissue += int((clean != 0).sum())
