@@ -200,3 +200,16 @@ def test_unknown_name_and_empty_folder_give_clear_errors(tmp_path: Path) -> None
         shipped_config_path("encoder_1nm")
     with pytest.raises(ModelLoadError, match="no model at"):
         load_model(tmp_path)
+
+
+def test_the_same_weights_always_get_the_same_bytes_and_sha256(tmp_path: Path) -> None:
+    # safetensors writes its metadata from a hash map (key order varies between saves); the
+    # shipped sha256s are only reproducible by a training command if the bytes are.
+    torch.manual_seed(0)
+    net = EncoderUNet(channels=4, levels=2)
+    files = {(save_model(net, _config(), tmp_path / str(i)).parent / "tiny.safetensors").read_bytes()
+             for i in range(8)}  # fmt: skip
+    assert len(files) == 1
+    data = files.pop()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])

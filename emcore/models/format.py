@@ -432,6 +432,22 @@ def _untrusted_config(name: str) -> ModelConfig:
     )
 
 
+def _sorted_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a hash map, so two saves of the same tensors can order
+    its keys differently and the same weights get two sha256s. The header keeps its length (the
+    same keys and values, its padding), so the tensor offsets do not move.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > size:
+        raise AssertionError("re-serialized safetensors header grew; the format changed")
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
+
+
 def save_model(network: nn.Module, config: ModelConfig, directory: str | os.PathLike[str]) -> Path:
     """Write ``<config.name>.safetensors`` and ``<config.name>.json`` into ``directory``.
 
@@ -452,7 +468,7 @@ def save_model(network: nn.Module, config: ModelConfig, directory: str | os.Path
         ) from None
     directory = Path(directory)
     metadata = {"format_version": str(FORMAT_VERSION), "name": config.name}
-    data = save_safetensors_bytes(state, metadata=metadata)
+    data = _sorted_header(save_safetensors_bytes(state, metadata=metadata))
     weights_name = f"{config.name}.safetensors"
     config = dataclasses.replace(
         config, weights=weights_name, weights_sha256=hashlib.sha256(data).hexdigest()
