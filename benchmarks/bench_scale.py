@@ -134,8 +134,11 @@ def _task_runs(db: Path) -> int:
     return last
 
 
-def run_case(size: int, sections: int, mode: str, num_iter: int) -> dict[str, Any]:
-    """Two ``align_stack`` runs of one case in this process (env set by :func:`main`)."""
+def run_case(
+    size: int, sections: int, mode: str, num_iter: int, solve_block_z: int | None = None
+) -> dict[str, Any]:
+    """Two ``align_stack`` runs of one case in this process (env set by :func:`main`);
+    ``solve_block_z``: the stack solve's block (default AlignParams')."""
     from flows.align_stack import align_stack
     from flows.params import AlignParams
     from flows.runtime import ClusterConfig, api_and_cluster
@@ -144,7 +147,8 @@ def run_case(size: int, sections: int, mode: str, num_iter: int) -> dict[str, An
     out = RESULTS / f"out_{size}x{sections}_{mode}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     params = AlignParams(source=source, output=str(out), coarse_mip=3, finetune_mip=2, render_mip=0,
-                         chunk_xy=128, pad=32, neighbours=2, num_iter=num_iter)  # fmt: skip
+                         chunk_xy=128, pad=32, neighbours=2, num_iter=num_iter,
+                         **({} if solve_block_z is None else {"solve_block_z": solve_block_z}))  # fmt: skip
     db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
     sampler = _RssSampler()
     sampler.start()
@@ -163,6 +167,7 @@ def run_case(size: int, sections: int, mode: str, num_iter: int) -> dict[str, An
     chunks = sum(rerun[s]["done"] + rerun[s]["skipped"] for s in stages)
     return {
         "size": size, "sections": sections, "mode": mode, "num_iter": num_iter,
+        "solve_block_z": params.solve_block_z,
         "mpx": size * size * sections / 1e6, "chunks": chunks,
         "startup_s": t0 - start, "first_s": t1 - t0, "rerun_s": t3 - t2,
         "rerun_stage_s": sum(rerun[s]["seconds"] for s in stages),
@@ -265,6 +270,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--sections", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--num-iter", type=int, default=20)
+    parser.add_argument("--solve-block-z", type=int, help="the stack solve's block (default AlignParams')")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["blocks", "blocks1"],
                         help="designs: blocks (chunk groups), blocks1 (one dask task per chunk)")
     parser.add_argument("--noop-chunks", type=int, help="no-op chunks (default 100 / 2000; 0: skip them)")
@@ -276,7 +282,7 @@ def main() -> int:
         return 0
     if args.case:
         size, sections, mode = int(args.case[0]), int(args.case[1]), args.case[2]
-        print(json.dumps(run_case(size, sections, mode, args.num_iter)))
+        print(json.dumps(run_case(size, sections, mode, args.num_iter, args.solve_block_z)))
         return 0
     base = QUICK if args.quick else FULL
     sizes, sections = args.sizes or base["sizes"], args.sections or base["sections"]
@@ -288,7 +294,8 @@ def main() -> int:
                 for mode in ["dask", *modes]
                 for count in [noop, 10 * noop]] if noop else []  # fmt: skip
     rows = [
-        _subprocess(["--case", str(size), str(n), mode, "--num-iter", str(args.num_iter)],
+        _subprocess(["--case", str(size), str(n), mode, "--num-iter", str(args.num_iter),
+                     *([] if args.solve_block_z is None else ["--solve-block-z", str(args.solve_block_z)])],
                     f"{size}x{n}_{mode}", mode)
         for size in sizes
         for n in sections

@@ -49,7 +49,9 @@ DETECTOR = "defect_detector"
 
 #: Smallest side of a detect chunk, px at the detection mip. A chunk reads the length rule's
 #: context on every side (88 px at 18.4 nm/px): a 128 px chunk reads (128 + 2 * 88)^2 = 5.6x its
-#: own pixels, a 512 px one 1.8x. The network's memory on a 688^2 px read is ~0.2 GB.
+#: own pixels, a 512 px one 1.8x. Measured (one thread, both scales and the rules): a 688^2 px read
+#: takes 0.86 s and +111 MiB of peak memory; the 304^2 px read of a 128 px chunk 0.28 s and +79 MiB
+#: (so 16 of them, the same area, 4.5 s).
 DETECT_CHUNK_PX = 512
 
 
