@@ -18,3 +18,15 @@ def normalized_crop(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x
 def noisy(image: torch.Tensor, gen: torch.Generator, sigma: float = 0.2) -> torch.Tensor:
     """``image`` plus Gaussian noise of ``sigma`` drawn from ``gen`` (on every pixel)."""
     return image + sigma * torch.randn(image.shape, generator=gen)
+
+
+def noisy_neighbours(
+    vnc_sections: np.ndarray, size: int = 128, seed: int = 4, y: int = 400, x: int = 400
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src, tgt)``: :func:`normalized_crop` of bundled sections 1 and 0 at ``(y, x)``, each with
+    :func:`noisy` noise from one generator seeded ``seed`` (the target's drawn first). Neighbouring
+    sections: their content differs far beyond the noise (the finetuner's noise check fails)."""
+    gen = torch.Generator().manual_seed(seed)
+    tgt = noisy(normalized_crop(vnc_sections, 0, size, y, x), gen)
+    src = noisy(normalized_crop(vnc_sections, 1, size, y, x), gen)
+    return src, tgt

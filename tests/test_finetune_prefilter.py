@@ -23,7 +23,7 @@ from emcore.finetune.selection import noise_sigma
 from emcore.metrics import field_residual
 from emcore.synthetic import smooth_field, true_alignment_field
 from tests.sections import noisy as _noisy
-from tests.sections import normalized_crop
+from tests.sections import noisy_neighbours, normalized_crop
 
 
 def _section(vnc_sections: np.ndarray, z: int, size: int) -> torch.Tensor:
@@ -80,10 +80,8 @@ def test_strained_noisy_pair_fits_closer_with_the_prefilter(vnc_sections: np.nda
 
 def test_different_sections_are_fitted_unfiltered(vnc_sections: np.ndarray) -> None:
     """Neighbouring sections fail the noise check: the pre-filter changes nothing, bit for bit."""
-    gen = torch.Generator().manual_seed(4)
     size = 128
-    tgt = _noisy(_section(vnc_sections, 0, size), gen)
-    src = _noisy(_section(vnc_sections, 1, size), gen)
+    src, tgt = noisy_neighbours(vnc_sections, size, y=300, x=300)
     levels = default_levels(size, size, 4)
     with_filter = finetune(src, tgt, levels=levels)
     without = finetune(src, tgt, levels=_without_prefilter(levels))

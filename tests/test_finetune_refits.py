@@ -21,7 +21,7 @@ from emcore.finetune.coarse_to_fine import DEFAULT_REFITS, MAX_REFITS, Level, de
 from emcore.metrics import field_residual
 from emcore.synthetic import smooth_field, true_alignment_field
 from tests.sections import noisy as _noisy
-from tests.sections import normalized_crop
+from tests.sections import noisy_neighbours, normalized_crop
 
 
 def _with_refits(levels: list[Level], refits: int) -> list[Level]:
@@ -55,10 +55,8 @@ def test_strained_noisy_pair_fits_closer_with_refits(vnc_sections: np.ndarray) -
 
 def test_different_sections_are_not_refitted(vnc_sections: np.ndarray) -> None:
     """Neighbouring sections fail the noise check and keep the stiff fit: refits change nothing."""
-    gen = torch.Generator().manual_seed(4)
     size = 128
-    tgt = _noisy(normalized_crop(vnc_sections, 0, size), gen)
-    src = _noisy(normalized_crop(vnc_sections, 1, size), gen)
+    src, tgt = noisy_neighbours(vnc_sections, size)
     levels = default_levels(size, size, 4)
     with_refits = finetune(src, tgt, levels=_with_refits(levels, DEFAULT_REFITS))
     without = finetune(src, tgt, levels=_with_refits(levels, 0))
