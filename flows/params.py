@@ -140,6 +140,12 @@ class AlignParams(BaseModel):
         named = data.get("detect_defects")
         if not isinstance(named, str) or named in ("auto", "none"):
             return data
+        try:
+            open_layer(named)
+        except SectionflowError as exc:
+            raise ValueError(
+                f'detect_defects={named!r} is neither "auto" nor "none", so it names a mask layer: {exc}'
+            ) from None
         given = data.get("defects")
         if given not in (None, named):
             raise ValueError(

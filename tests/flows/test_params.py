@@ -137,3 +137,6 @@ def test_detect_defects_can_name_the_mask_layer(tmp_path, tiny_stack):
         tiny_params(tmp_path / "out", tiny_stack, detect_defects=tiny_stack["misaligned"])
     with pytest.raises(ValidationError, match=r"defects .* has kind image"):
         tiny_params(tmp_path / "out", tiny_stack, defects=None, detect_defects=tiny_stack["misaligned"])
+    typo = r"detect_defects='atuo' is neither \"auto\" nor \"none\", so it names a mask layer: .*no layer"
+    with pytest.raises(ValidationError, match=typo):
+        tiny_params(tmp_path / "out", tiny_stack, defects=None, detect_defects="atuo")
