@@ -49,7 +49,7 @@ API summary
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +95,7 @@ class _Pair:
     z: int
     k: int
     field: torch.Tensor  # (1, 2, H, W) float32
-    weight: torch.Tensor  # (1, 1, H, W) float32, > 0 somewhere
+    weight: torch.Tensor  # (1, 1, H, W) or a uniform (1, 1, 1, 1) float32, > 0 somewhere
 
 
 def _prepare(
@@ -141,7 +141,7 @@ def _prepare(
         w = 1.0 if weights is None else weights.get((z, k), 1.0)
         w_t = torch.as_tensor(w, dtype=torch.float32)
         if w_t.ndim == 0:
-            w_t = w_t.expand(1, 1, *size)
+            w_t = w_t.reshape(1, 1, 1, 1)  # broadcasts like a map, without holding H x W floats
         elif tuple(w_t.shape) != (1, 1, *size):
             raise ValueError(f"weight of pair ({z}, {k}) must be a float or (1, 1, {size[0]}, {size[1]})")
         if not torch.isfinite(w_t).all() or (w_t < 0).any():
@@ -216,22 +216,30 @@ def _sequential(
 
 
 def _interpolate_blank(g: list[torch.Tensor | None], blank: set[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``(Z, 2, H, W)`` from the per-section fields ``g``, blank (None) ones interpolated in z.
+
+    Consumes ``g``: each entry is released once copied, so the stack is held once, not twice.
+    """
     solved = [z for z, f in enumerate(g) if f is not None]
-    out = []
-    for z, f in enumerate(g):
-        if f is not None:
-            out.append(f)
+    first = g[solved[0]]
+    assert first is not None
+    out = first.new_empty((len(g), *first.shape[1:]))
+    for z in solved:
+        out[z : z + 1] = g[z]  # type: ignore[assignment]
+        g[z] = None
+    for z in range(len(g)):
+        if z in solved:
             continue
         lo = max((s for s in solved if s < z), default=None)
         hi = min((s for s in solved if s > z), default=None)
         if lo is None:
-            out.append(g[hi].clone())  # type: ignore[index, union-attr]
+            out[z] = out[hi]  # type: ignore[index]
         elif hi is None:
-            out.append(g[lo].clone())  # type: ignore[union-attr]
+            out[z] = out[lo]
         else:
             t = (z - lo) / (hi - lo)
-            out.append((1 - t) * g[lo] + t * g[hi])  # type: ignore[operator]
-    return torch.cat(out), tuple(sorted(z for z in blank))
+            out[z : z + 1] = (1 - t) * out[lo : lo + 1] + t * out[hi : hi + 1]  # type: ignore[operator]
+    return out, tuple(sorted(z for z in blank))
 
 
 def _inverses(active: list[_Pair]) -> dict[tuple[int, int], torch.Tensor]:
@@ -342,13 +350,12 @@ def solve_stack(
     free = [z for z in range(num_sections) if z != fixed and z not in blank_set]
     plain_sweeps = max_sweeps // 3 if robust_px is not None else 0
 
-    def predictions(z: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
+    def predictions(z: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Section ``z``'s neighbours' predictions of its field, one at a time (bounded memory)."""
         for p in below[z]:
-            out.append((compose(g[p.z - p.k], p.field), p.weight))  # type: ignore[arg-type]
+            yield compose(g[p.z - p.k], p.field), p.weight  # type: ignore[arg-type]
         for p in above[z]:
-            out.append((compose(g[p.z], inverses[(p.z, p.k)]), p.weight))  # type: ignore[arg-type]
-        return out
+            yield compose(g[p.z], inverses[(p.z, p.k)]), p.weight  # type: ignore[arg-type]
 
     sweeps, converged = 0, not free
     for sweep in range(max_sweeps if free else 0):
@@ -372,19 +379,21 @@ def solve_stack(
                 den = den + anchor
             new = torch.where(den > 0, num / den.clamp_min(1e-12), current)
             largest = max(largest, float((new - current).abs().max()))
-            g[z] = new
+            current.copy_(new)  # in place: the sweep allocates no new per-section store
         sweeps = sweep + 1
         if largest < tol and (robust or robust_px is None):
             converged = True
             break
 
+    inverses.clear()  # the largest store after the pairs: free it before the output is assembled
     residual: dict[tuple[int, int], float] = {}
     weight_used: dict[tuple[int, int], float] = {}
     for p in active:
         r = (g[p.z] - compose(g[p.z - p.k], p.field)).norm(dim=1, keepdim=True)  # type: ignore[arg-type]
         residual[(p.z, p.k)] = float(r.median())
         rho = torch.ones_like(r) if robust_px is None else robust_px**2 / (robust_px**2 + r.square())
-        weight_used[(p.z, p.k)] = float((rho * (p.weight > 0)).sum() / (p.weight > 0).sum())
+        used = (p.weight > 0).expand_as(rho)
+        weight_used[(p.z, p.k)] = float((rho * used).sum() / used.sum())
     fields, interpolated = _interpolate_blank(g, blank_set)
     return StackSolution(
         fields=fields.to(torch.float32),

@@ -15,8 +15,10 @@ peak beside these estimates) and rounded up: the same case measured twice varies
   mip (measured 19-20 / 33-39 / 103-111 MiB at 192^2 / 384^2 / 768^2 px);
 * stack solve (:func:`emcore.stack_solve.solve_stack` on one xy chunk x z-block):
   :data:`SOLVE_FIXED_BYTES` + :data:`SOLVE_BYTES_PER_PX` per px of the padded chunk, per section and
-  per field it holds (the section's own and its ``neighbours`` pairs; measured 16-24 / 32-34 / 58-76
-  MiB for 8 sections x 192^2, 16 x 192^2 and 8 x 384^2 px with 2 neighbours).
+  per field it holds (the section's own and its ``neighbours`` pairs). The kernel alone measured
+  16 / 27 / 39 MiB for 8 sections x 192^2, 16 x 192^2 and 8 x 384^2 px with 2 neighbours (since it
+  sweeps in place and keeps number weights as numbers; 21-24 / 32-36 / 58-82 MiB before); the
+  estimate keeps its margin for the pair fields the task reads besides (16 B/px per section).
 
 :data:`WORKER_BASE_BYTES` is a worker's resting size with torch and the models loaded (about 430-460
 MiB measured by ``benchmarks/bench_scale.py``). All sizes in bytes.
@@ -42,7 +44,7 @@ COARSE_BYTES_PER_PX = 800  # slope between 512^2 and 1024^2: 724-770 B/px
 FINETUNE_FIXED_BYTES = 16 * 2**20
 FINETUNE_BYTES_PER_PX = 200  # slope between 384^2 and 768^2: 170-184 B/px
 SOLVE_FIXED_BYTES = 8 * 2**20
-SOLVE_BYTES_PER_PX = 24  # per section and field; slope 17-23 B/px
+SOLVE_BYTES_PER_PX = 24  # per section and field; kernel slope 9-12 B/px, + the task's inputs
 WORKER_BASE_BYTES = 512 * 2**20
 
 

@@ -155,11 +155,11 @@ def solve_chunk_task(
         fields = read_field(layer, padded, mip)
         for z, kk in used_pairs:
             if kk == k and z0 <= z < z0 + num and z - k >= z0:
-                q = fields[z - z0 : z - z0 + 1]
+                q = fields[z - z0 : z - z0 + 1]  # a view: the layer's block is held once
                 r = (pair_affines or {}).get(f"{z}-{k}")
                 if r is not None:
                     local = shift_origin(torch.tensor(r, dtype=torch.float64), origin)
-                    q = q - affine_displacement_field(local, q.shape[-2], q.shape[-1])
+                    q -= affine_displacement_field(local, q.shape[-2], q.shape[-1])
                 pairs[(z - z0, k)] = q
     rel_blank = [z - z0 for z in blank if z0 <= z < z0 + num]
     weights = vote_weights(pairs, num, rel_blank) if pairs else {}

@@ -145,3 +145,19 @@ def test_anchored_solve_is_local_in_z_so_blocks_with_overlap_equal_the_whole_sta
     block = solve_stack(sub, b - a, anchor=1.0).fields[lo - a : hi - a]
     error = (block - whole[lo:hi]).norm(dim=1)
     assert float(error.max()) < 0.05 * float(whole[lo:hi].norm(dim=1).max())
+
+
+def test_uniform_weights_given_as_numbers_equal_the_same_weights_as_maps(stack):
+    """A number weight is kept as one value that broadcasts (no H x W map per pair): the solution,
+    residuals and robust weights are bitwise those of the same weights given as full maps."""
+    applied, true = stack
+    pairs = _pairs(applied, list(true.split(1)), {(3, 1): smooth_field(SIZE, SIZE, 8.0, seed=7)})
+    numbers = {key: 0.5 + 0.1 * key[1] for key in pairs}
+    maps = {key: torch.full((1, 1, SIZE, SIZE), w) for key, w in numbers.items()}
+    a = solve_stack(pairs, Z, weights=numbers, anchor=0.2, blank=[], max_sweeps=12)
+    b = solve_stack(pairs, Z, weights=maps, anchor=0.2, blank=[], max_sweeps=12)
+    assert torch.equal(a.fields, b.fields)
+    assert a.pair_weight == b.pair_weight and a.pair_residual_px == b.pair_residual_px
+    # mean robust weights over the pair's pixels (a per-pair mean of 0..1, not a sum)
+    assert min(a.pair_weight, key=a.pair_weight.get) == (3, 1)
+    assert max(a.pair_weight.values()) <= 1.0
