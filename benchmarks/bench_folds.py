@@ -14,6 +14,8 @@ target ``warp(R, s)`` with a smooth 2 px elastic field ``s``; noise sigma 0.2 on
   bright resin (2.25 tissue std above the mean, + the noise), as resin-filled cracks in
   :mod:`emcore.synthetic_defects`. No pixel of the target reads the gap (the truth has no value
   there).
+* ``crack gap=... empty`` (``--crack-fill zero``): the same crack whose gap holds no data (0), as
+  ``crack_fill="zero"`` in :mod:`emcore.synthetic_defects`; no mask needs to mark it.
 
 ``R' = R`` for kind ``smooth``; for ``neighbour`` ``R'`` is the next section (real content
 change, so its residual also holds the registered stack's own small misalignment). The truth is
@@ -31,6 +33,13 @@ Methods (the first and the peers get the given mask; ``detected mask`` gets the 
   :func:`tasks.detect.detection_mip` as the detect stage does, ``detect_defects_two_scales`` at its
   default threshold with the detect stage's length and contrast rules, repeated back to full size pixel by
   pixel as ``tasks.detect`` writes finer mips; ``--detector`` another detector's config);
+* ``sectionflow pieces + finetune, no mask``: the same without a mask (only the no-data tears);
+* the three above follow :mod:`tasks.coarse`: the coarse step runs ``--coarse-mips`` mips above the
+  case (default 0; the images by the pyramid's mean over the data, masks by max), with the no-data
+  tears of :func:`tasks.coarse.defects_with_tears` seen at :func:`tasks.coarse.tear_mip`
+  (``--no-tears``: without them, the coarse stage before issue 16's no-data fix), piece by piece
+  where :func:`tasks.coarse.tissue_splits` says a section splits, else one rigid
+  :func:`~emcore.coarse_xcorr.coarse_align` fit upsampled and finetuned from;
 * ``sectionflow rigid + finetune``: one :func:`emcore.coarse_xcorr.coarse_align` rigid fit, then
   the finetuner from it (the path for sections without a split);
 * ``elastix rigid+grid32`` (:mod:`benchmarks.peers`, when itk-elastix imports): no mask input;
@@ -63,6 +72,8 @@ p95 to the given-mask row's (target <= 1.5).
     .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150 --gaps ""   # a part of it
     .venv/bin/python -m benchmarks.bench_folds --slides "" --gaps 10,40 \
         --methods "sectionflow pieces + finetune;sectionflow pieces + finetune, detected mask"  # cracks
+    .venv/bin/python -m benchmarks.bench_folds --slides "" --gaps 10,20,40 --crack-fill zero \
+        --coarse-mips 3   # empty cracks, the coarse step 3 mips up (add --no-tears: before the fix)
 """
 
 from __future__ import annotations
