@@ -14,6 +14,8 @@ target ``warp(R, s)`` with a smooth 2 px elastic field ``s``; noise sigma 0.2 on
   bright resin (2.25 tissue std above the mean, + the noise), as resin-filled cracks in
   :mod:`emcore.synthetic_defects`. No pixel of the target reads the gap (the truth has no value
   there).
+* ``crack gap=... empty`` (``--crack-fill zero``): the same crack whose gap holds no data (0), as
+  ``crack_fill="zero"`` in :mod:`emcore.synthetic_defects`; no mask needs to mark it.
 
 ``R' = R`` for kind ``smooth``; for ``neighbour`` ``R'`` is the next section (real content
 change, so its residual also holds the registered stack's own small misalignment). The truth is
@@ -31,6 +33,13 @@ Methods (the first and the peers get the given mask; ``detected mask`` gets the 
   :func:`tasks.detect.detection_mip` as the detect stage does, ``detect_defects_two_scales`` at its
   default threshold with the detect stage's length and contrast rules, repeated back to full size pixel by
   pixel as ``tasks.detect`` writes finer mips; ``--detector`` another detector's config);
+* ``sectionflow pieces + finetune, no mask``: the same without a mask (only the no-data tears);
+* the three above follow :mod:`tasks.coarse`: the coarse step runs ``--coarse-mips`` mips above the
+  case (default 0; the images by the pyramid's mean over the data, masks by max), with the no-data
+  tears of :func:`tasks.coarse.defects_with_tears` seen at :func:`tasks.coarse.tear_mip`
+  (``--no-tears``: without them, the coarse stage before issue 16's no-data fix), piece by piece
+  where :func:`tasks.coarse.tissue_splits` says a section splits, else one rigid
+  :func:`~emcore.coarse_xcorr.coarse_align` fit upsampled and finetuned from;
 * ``sectionflow rigid + finetune``: one :func:`emcore.coarse_xcorr.coarse_align` rigid fit, then
   the finetuner from it (the path for sections without a split);
 * ``elastix rigid+grid32`` (:mod:`benchmarks.peers`, when itk-elastix imports): no mask input;
@@ -63,6 +72,8 @@ p95 to the given-mask row's (target <= 1.5).
     .venv/bin/python -m benchmarks.bench_folds --datasets vnc --slides 150 --gaps ""   # a part of it
     .venv/bin/python -m benchmarks.bench_folds --slides "" --gaps 10,40 \
         --methods "sectionflow pieces + finetune;sectionflow pieces + finetune, detected mask"  # cracks
+    .venv/bin/python -m benchmarks.bench_folds --slides "" --gaps 10,20,40 --crack-fill zero \
+        --coarse-mips 3   # empty cracks, the coarse step 3 mips up (add --no-tears: before the fix)
 """
 
 from __future__ import annotations
@@ -71,7 +82,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -79,17 +90,20 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from benchmarks.cases import NOISE_SIGMA, load_sections
-from emcore.coarse_pieces import coarse_align_pieces
+from emcore.affine import rescale_matrix
+from emcore.coarse_pieces import PiecewiseAlignment, coarse_align_pieces
 from emcore.coarse_xcorr import coarse_align
-from emcore.field import compose, warp, warp_mask
+from emcore.field import compose, resample_field, warp, warp_mask
 from emcore.finetune import finetune
 from emcore.models import load_model
 from emcore.models.detect import MIN_BRIGHT_CONTRAST, MIN_DEFECT_LENGTH_NM, detect_defects_two_scales
 from emcore.normalize import normalize, section_stats
-from emcore.pyramid import downsample_image_torch
+from emcore.pyramid import downsample_image_torch, downsample_mask_torch
 from emcore.quality import tile_correlation
 from emcore.stack_quality import jacobian_outliers
 from emcore.synthetic import smooth_field, torn_fold_field
+from emcore.torn_sections import piecewise_affine_field
+from tasks.coarse import defects_with_tears, tear_mip, tissue_splits
 from tasks.detect import DETECTOR, detection_mip
 
 ANGLE = 30.0
@@ -103,6 +117,7 @@ NEAR_WINDOWS = 3
 FOLD_CONTRAST, FOLD_DARKNESS = 0.45, 2.25
 RESIN_LEVEL = 2.25
 KINDS = ("smooth", "neighbour")
+CRACK_FILLS = ("resin", "zero")
 
 
 @dataclass(frozen=True)
@@ -144,14 +159,18 @@ def make_fold_case(
     width: float | None = None,
     resolution_nm: float,
     seed: int = 0,
+    crack_fill: str = "resin",
 ) -> FoldCase:
     """One case from two ``(S, S)`` sections (``moving`` = ``section`` for kind ``smooth``).
 
     ``defect`` ``"fold"`` (band ``width`` px, default ``S / 32``, far side slid ``slide`` px) or
-    ``"crack"`` (gap ``width`` px across the line, ``slide`` along it).
+    ``"crack"`` (gap ``width`` px across the line, ``slide`` along it, holding ``crack_fill``: ``"resin"``
+    (bright) or ``"zero"`` (no data)).
     """
     if defect not in ("fold", "crack"):
         raise ValueError(f"defect must be 'fold' or 'crack', got {defect!r}")
+    if crack_fill not in CRACK_FILLS:
+        raise ValueError(f"crack_fill must be one of {CRACK_FILLS}, got {crack_fill!r}")
     size = section.shape[0]
     width = size / 32 if width is None else float(width)
     offset = 0.1 * size
@@ -164,7 +183,7 @@ def make_fold_case(
     if defect == "fold":
         fill = FOLD_CONTRAST * 0.5 * (mov + moved) - FOLD_DARKNESS
     else:
-        fill = torch.full_like(moved, RESIN_LEVEL)
+        fill = torch.full_like(moved, RESIN_LEVEL if crack_fill == "resin" else 0.0)
     src = _noisy(torch.where(mask, fill, moved), 1000 + seed)
     tgt = _noisy(warp(reg, smooth), 2000 + seed)
     truth = compose(smooth, truth_a)
@@ -289,8 +308,73 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 Method = Callable[[FoldCase], tuple[torch.Tensor | None, torch.Tensor, str]]
 
 
-def _pieces_with(case: FoldCase, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
-    coarse = coarse_align_pieces(case.src, case.tgt, mask)
+#: The coarse step (``--coarse-mips``, ``--no-tears``): how many mips above the case's the pieces
+#: methods run it (the pipeline's coarse mip above its finetune mip), and whether no-data tears are
+#: looked for (:func:`tasks.coarse.defects_with_tears` at :func:`tasks.coarse.tear_mip`, as the
+#: coarse stage does; ``False`` = the coarse stage before issue 16's no-data fix).
+_COARSE = {"mips": 0, "tears": True}
+
+
+def _down(image: torch.Tensor, mips: int, *, mask: bool = False) -> torch.Tensor:
+    """``image`` ``(1, 1, H, W)`` ``mips`` mips coarser by the pyramid's rules (image: mean over the
+    data; mask: max)."""
+    for _ in range(mips):
+        image = downsample_mask_torch(image) if mask else downsample_image_torch(image)
+    return image
+
+
+def _coarse_defects(image: torch.Tensor, mask: torch.Tensor | None, mips: int,
+                    resolution_nm: float) -> tuple[torch.Tensor | None, bool]:  # fmt: skip
+    """The coarse stage's defect mask of one section ``mips`` mips above the case's: ``mask`` (case
+    frame) max-downsampled, united with the no-data tears seen at :func:`tasks.coarse.tear_mip`;
+    and whether no data split the section there (:func:`tasks.coarse.defects_with_tears`)."""
+    coarse_mask = None if mask is None else _down(mask.float()[None, None], mips, mask=True)[0, 0]
+    if not _COARSE["tears"]:
+        return coarse_mask, False
+    coarse = _down(image, mips)
+    fine_mip = tear_mip([resolution_nm * 2**m for m in range(mips + 1)], mips, tuple(coarse.shape[-2:]))
+    return defects_with_tears(_down(image, fine_mip)[0, 0], 2 ** (mips - fine_mip), coarse_mask)
+
+
+def _upsampled(coarse: PiecewiseAlignment, mips: int, shape: tuple[int, int]) -> PiecewiseAlignment:
+    """``coarse`` (at ``mips`` mips above the case) at the case's mip: each piece's matrix rescaled
+    (:func:`emcore.affine.rescale_matrix`), the piece map repeated pixel by pixel, and the field
+    evaluated exactly from them (:func:`emcore.torn_sections.piecewise_affine_field`)."""
+    if mips == 0:
+        return coarse
+    f = 2**mips
+    h, w = shape
+    mats = [rescale_matrix(t.matrix, mips, 0) for t in coarse.transforms]
+    assignment = np.repeat(np.repeat(coarse.assignment, f, 0), f, 1)[:h, :w]
+    gap = np.repeat(np.repeat(coarse.gap, f, 0), f, 1)[:h, :w]
+    seam = np.zeros((h, w), dtype=bool)
+    dy, dx = assignment[1:] != assignment[:-1], assignment[:, 1:] != assignment[:, :-1]
+    seam[1:] |= dy
+    seam[:-1] |= dy
+    seam[:, 1:] |= dx
+    seam[:, :-1] |= dx
+    return replace(
+        coarse, field=piecewise_affine_field(mats, coarse.assignment, f, (0, 0), shape), matrix=mats[0],
+        transforms=[replace(t, matrix=m) for t, m in zip(coarse.transforms, mats, strict=True)],
+        assignment=assignment, gap=gap, seam=seam,
+    )  # fmt: skip
+
+
+def _pieces_with(case: FoldCase, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The pipeline's recipe (:mod:`tasks.coarse`): piece by piece where the masks (with the no-data
+    tears) split a section, else one rigid fit; then the finetuner at the case's mip."""
+    k = _COARSE["mips"]
+    src_c, tgt_c = _down(case.src, k), _down(case.tgt, k)
+    src_mask, src_nodata = _coarse_defects(case.src, mask, k, case.resolution_nm)
+    tgt_mask, tgt_nodata = _coarse_defects(case.tgt, None, k, case.resolution_nm)
+    if not (tissue_splits(src_c, src_mask, src_nodata) or tissue_splits(tgt_c, tgt_mask, tgt_nodata)):
+        whole = coarse_align(src_c, tgt_c, src_mask=src_mask, tgt_mask=tgt_mask, model="rigid")
+        field = resample_field(whole.field, k, 0) if k else whole.field
+        defects = None if mask is None else warp_mask(mask[None, None], field)
+        result = finetune(warp(case.src, field), case.tgt, src_defects=defects, max_motion=8.0)
+        return field, compose(result.field, field), "1 piece (no split seen)"
+    coarse = coarse_align_pieces(src_c, tgt_c, src_mask, tgt_mask)
+    coarse = _upsampled(coarse, k, tuple(case.src.shape[-2:]))
     moved = warp(case.src, coarse.field)
     result = finetune(moved, case.tgt, src_defects=coarse.tear_mask(mask), max_motion=8.0)
     note = f"{coarse.pieces.count} pieces" + (f"; {coarse.reason}" if coarse.reason else "")
@@ -303,6 +387,10 @@ def _pieces(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def _pieces_detected(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
     return _pieces_with(case, _detected(case))
+
+
+def _pieces_no_mask(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
+    return _pieces_with(case, None)
 
 
 def _rigid(case: FoldCase) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -328,6 +416,7 @@ def _sofima(case: FoldCase) -> tuple[None, torch.Tensor, str]:
 
 GIVEN = "sectionflow pieces + finetune"
 DETECTED = "sectionflow pieces + finetune, detected mask"
+NO_MASK = "sectionflow pieces + finetune, no mask"
 SOFIMA = "SOFIMA (patch 64, step 8)"
 
 
@@ -335,7 +424,7 @@ def methods() -> dict[str, Method]:
     """The methods by name (the peers only when they import)."""
     from benchmarks.peers import sofima_available
 
-    out: dict[str, Method] = {GIVEN: _pieces, DETECTED: _pieces_detected}
+    out: dict[str, Method] = {GIVEN: _pieces, DETECTED: _pieces_detected, NO_MASK: _pieces_no_mask}
     out["sectionflow rigid + finetune"] = _rigid
     try:
         import itk  # noqa: F401
@@ -356,7 +445,8 @@ def methods() -> dict[str, Method]:
 
 
 def _cases(
-    quick: bool, slides: list[float], gaps: list[float], datasets: list[str], kinds: list[str]
+    quick: bool, slides: list[float], gaps: list[float], datasets: list[str], kinds: list[str],
+    crack_fills: tuple[str, ...] = ("resin",),
 ) -> list[FoldCase]:
     if quick:
         stack = load_sections("bundled", [3, 4], 1024)
@@ -369,15 +459,17 @@ def _cases(
             sets.append(("vnc z4 mip1", F.avg_pool2d(vnc, 2)[:, 0].numpy(), 9.2))
         if "medulla" in datasets:
             sets.append(("medulla z4 mip0", load_sections("medulla", [4, 5], 512).astype(np.float32), 10.0))
-    defects = [("fold", f"fold d={d:g}", d, None) for d in slides]
-    defects += [("crack", f"crack gap={g:g}", 0.0, g) for g in gaps]
+    defects = [("fold", f"fold d={d:g}", d, None, "resin") for d in slides]
+    defects += [("crack", f"crack gap={g:g}" + (" empty" if fill == "zero" else ""), 0.0, g, fill)
+                for fill in crack_fills for g in gaps]  # fmt: skip
     cases = []
     for label, stack, res in sets:
-        for defect, text, slide, width in defects:
+        for defect, text, slide, width, fill in defects:
             for kind in kinds:
                 moving = stack[0] if kind == "smooth" else stack[1]
                 cases.append(make_fold_case(f"{label} {text} {kind}", stack[0], moving, defect=defect,
-                                            slide=slide, width=width, resolution_nm=res))  # fmt: skip
+                                            slide=slide, width=width, resolution_nm=res,
+                                            crack_fill=fill))  # fmt: skip
     return cases
 
 
@@ -396,8 +488,20 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="';'-separated subset of the method names")
     parser.add_argument("--datasets", default="vnc,medulla", help="full mode: comma-separated vnc, medulla")
     parser.add_argument("--detector", default=DETECTOR, help="detector: shipped name or config path")
+    parser.add_argument("--crack-fill", default="resin",
+                        help="comma-separated crack gap fills: resin (bright), zero (no data, 'empty')")
+    parser.add_argument("--coarse-mips", type=int, default=0,
+                        help="run the pieces methods' coarse step this many mips above the case's")
+    parser.add_argument("--no-tears", action="store_true",
+                        help="coarse step without the no-data tears (the coarse stage before the fix)")
     args = parser.parse_args()
     _DETECTOR_MODEL["name"] = args.detector
+    fills = tuple(f.strip() for f in args.crack_fill.split(",") if f.strip())
+    if not fills or any(f not in CRACK_FILLS for f in fills):
+        parser.error(f"--crack-fill: expected some of {CRACK_FILLS}, got {args.crack_fill!r}")
+    if args.coarse_mips < 0:
+        parser.error(f"--coarse-mips must be >= 0, got {args.coarse_mips}")
+    _COARSE.update(mips=args.coarse_mips, tears=not args.no_tears)
     torch.set_num_threads(1)
     slides = _floats(args.slides if args.slides is not None else ("60" if args.quick else "20,60,150"))
     gaps = _floats(args.gaps if args.gaps is not None else ("20" if args.quick else "10,40"))
@@ -417,7 +521,7 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     summary = []
-    for case in _cases(args.quick, slides, gaps, args.datasets.split(","), kinds):
+    for case in _cases(args.quick, slides, gaps, args.datasets.split(","), kinds, fills):
         rows: dict[str, Scores] = {}
         for name, method in table.items():
             start = time.perf_counter()
@@ -436,25 +540,34 @@ def main() -> None:
                 f"{seconds:.1f} |",
                 flush=True,
             )
-        if DETECTED in rows:
-            det = _detected(case)
-            summary.append((case.name, iou(det, case.mask), int(det.sum()), int(case.mask.sum()),
-                            rows.get(GIVEN), rows[DETECTED]))  # fmt: skip
+        if DETECTED in rows or NO_MASK in rows:
+            det = _detected(case) if DETECTED in rows else None
+            summary.append((case.name, det, case.mask, rows.get(GIVEN), rows.get(DETECTED),
+                            rows.get(NO_MASK)))  # fmt: skip
     if summary:
-        print("\ndetected vs given mask (ratio = detected / given worst side)\n")
+        print("\ndetected / no mask vs given mask (ratio = the row's worst side / the given mask's)\n")
         print("| case | IoU with the band | detected / band px | worst median given -> detected (x) "
-              "| worst p95 given -> detected (x) |")  # fmt: skip
-        print("|---|---|---|---|---|")
-        for name, overlap, marked, band, given, detected in summary:
-            cells = []
-            for i in (0, 1):
-                if given is None:
-                    cells.append(f"- -> {detected.worst[i]:.2f}")
-                else:
-                    x = detected.worst[i] / given.worst[i] if given.worst[i] > 0 else float("nan")
-                    cells.append(f"{given.worst[i]:.2f} -> {detected.worst[i]:.2f} ({x:.2f})")
-            print(f"| {name} | {overlap:.3f} | {marked} / {band} | {cells[0]} | {cells[1]} |", flush=True)
+              "| worst p95 given -> detected (x) | worst median / p95 no mask (x) |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
 
+        def cell(given: Scores | None, other: Scores | None, i: int) -> str:
+            if other is None:
+                return "-"
+            if given is None:
+                return f"- -> {other.worst[i]:.2f}"
+            x = other.worst[i] / given.worst[i] if given.worst[i] > 0 else float("nan")
+            return f"{given.worst[i]:.2f} -> {other.worst[i]:.2f} ({x:.2f})"
+
+        for name, det, band, given, detected, plain in summary:
+            overlap = f"{iou(det, band):.3f}" if det is not None else "-"
+            marked = f"{int(det.sum())} / {int(band.sum())}" if det is not None else "-"
+            nomask = "-"
+            if plain is not None:
+                ratios = [plain.worst[i] / given.worst[i] if given is not None and given.worst[i] > 0
+                          else float("nan") for i in (0, 1)]  # fmt: skip
+                nomask = f"{plain.worst[0]:.2f} / {plain.worst[1]:.2f} ({ratios[0]:.2f} / {ratios[1]:.2f})"
+            cells = f"{cell(given, detected, 0)} | {cell(given, detected, 1)}"
+            print(f"| {name} | {overlap} | {marked} | {cells} | {nomask} |", flush=True)
 
 if __name__ == "__main__":
     main()

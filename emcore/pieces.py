@@ -16,10 +16,27 @@ Labels are ``1..n`` ordered by decreasing area (piece 1 is the largest); 0 = no 
 defect, or dropped sliver). All inputs are ``(H, W)`` (or ``(1, 1, H, W)``) tensors or arrays at one
 mip; areas are in px at that mip. Pure numpy/scipy.ndimage, nothing is modified in place.
 
+No-data tears seen from a finer mip
+----------------------------------
+The pyramid's 2x mean over the data pixels (:mod:`emcore.pyramid`) closes a thin no-data gap within
+a few mips, so an empty crack (no data, no defect mask) that cuts a section in two at a fine mip
+may leave one piece at the coarse mip. :func:`nodata_tears` finds the pieces at the fine mip (the
+4-connected components of ``image != 0`` of at least ``min_fraction`` of the tissue; smaller ones
+are ignored, no sliver merging) and, when there are >= 2, marks at the mip ``factor`` x coarser
+the pixels where the gap closed: the coarse pixels whose ``factor x factor`` block holds pixels of
+two pieces, those next to a coarse pixel of another piece, and data pixels of no piece (slivers,
+dust in the gap) next to a piece. United with the defects mask at the coarse mip, the tissue
+there then splits along the gap: every 4-connected component of the unmarked coarse tissue lies
+in one fine piece (two unmarked, adjacent coarse pixels with data always belong to the same
+piece). A section whose tissue is one piece at the fine mip (margins, holes, ragged edges,
+slivers under ``min_fraction``) gets ``None``: nothing changes for it.
+
 API summary
 -----------
 * :func:`split_pieces` -> :class:`Pieces` ``(labels (H, W) int32, areas, merged, dropped,
   min_area)``; ``.count``, ``.mask(i)``.
+* :func:`nodata_tears` ``(fine image, factor)`` -> ``(ceil(H / factor), ceil(W / factor))`` bool
+  tear mask at the coarse mip, or ``None`` when the fine tissue is one piece.
 """
 
 from __future__ import annotations
@@ -32,7 +49,7 @@ from scipy import ndimage
 
 from emcore.quality import as_section
 
-__all__ = ["Pieces", "split_pieces"]
+__all__ = ["Pieces", "nodata_tears", "split_pieces"]
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
 
@@ -128,3 +145,71 @@ def split_pieces(
     order[1:][np.argsort(-final, kind="stable")] = np.arange(1, len(large) + 1, dtype=np.int32)
     merged = [(area, int(order[label])) for area, label in merged]
     return Pieces(order[out], [int(a) for a in sorted(final, reverse=True)], merged, dropped, threshold)
+
+
+def _large_components(tissue: np.ndarray, min_fraction: float) -> np.ndarray:
+    """``(H, W)`` int32: the 4-connected components of ``tissue`` of at least ``min_fraction`` of it,
+    labelled ``1..n`` by decreasing area; 0 elsewhere (no data and the smaller components)."""
+    labels, n = ndimage.label(tissue, structure=_FOUR)
+    if n < 2:
+        return np.zeros_like(labels, dtype=np.int32) if n == 0 else labels.astype(np.int32)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    areas[0] = 0
+    threshold = max(1, int(round(min_fraction * int(areas.sum()))))
+    order = np.argsort(-areas, kind="stable")
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    kept = [int(i) for i in order if areas[i] >= threshold and i > 0]
+    relabel[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    return relabel[labels]
+
+
+def _blocks(data: np.ndarray, factor: int, fill: int) -> np.ndarray:
+    """``(h, w, factor * factor)`` view of ``data`` padded with ``fill`` to a multiple of ``factor``."""
+    h, w = data.shape
+    hc, wc = -(-h // factor), -(-w // factor)
+    padded = np.full((hc * factor, wc * factor), fill, dtype=data.dtype)
+    padded[:h, :w] = data
+    return padded.reshape(hc, factor, wc, factor).transpose(0, 2, 1, 3).reshape(hc, wc, factor * factor)
+
+
+def nodata_tears(
+    fine_image: torch.Tensor | np.ndarray, factor: int, *, min_fraction: float = 0.02
+) -> np.ndarray | None:
+    """Where no-data gaps that cut ``fine_image``'s tissue into >= 2 pieces closed, ``factor`` x coarser.
+
+    Args:
+        fine_image: ``(H, W)`` or ``(1, 1, H, W)`` section at the fine mip, 0 = no data.
+        factor: ``2 ** (coarse_mip - fine_mip)`` (1 = the same mip); coarse pixel ``(i, j)`` covers
+            the fine block ``[i f, (i + 1) f) x [j f, (j + 1) f)``, as :mod:`emcore.pyramid` makes it.
+        min_fraction: a piece is a component of at least this fraction of the tissue area.
+
+    Returns:
+        ``(ceil(H / f), ceil(W / f))`` bool, True = tear line at the coarse mip (see the module
+        docstring; all False when the gap is still open there), or ``None`` when the fine tissue
+        has fewer than 2 pieces.
+    """
+    img = as_section(fine_image, "fine_image")
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"factor must be a power of 2 >= 1, got {factor}")
+    if not 0 <= min_fraction < 1:
+        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
+    tissue = img != 0
+    labels = _large_components(tissue, min_fraction)
+    if labels.max() < 2:
+        return None
+    big = np.iinfo(np.int32).max
+    top = _blocks(labels, factor, 0).max(axis=2)
+    low = _blocks(np.where(labels > 0, labels, big).astype(np.int32), factor, big).min(axis=2)
+    data = _blocks(tissue, factor, False).any(axis=2)
+    two = (top > 0) & (low != top)  # a block with pixels of two pieces
+    one = np.where((top > 0) & ~two, top, 0)
+    tear = two.copy()
+    for axis in (0, 1):  # a coarse pixel of one piece next to one of another
+        a = np.moveaxis(one, axis, 0)
+        diff = (a[1:] > 0) & (a[:-1] > 0) & (a[1:] != a[:-1])
+        t = np.moveaxis(tear, axis, 0)
+        t[1:] |= diff
+        t[:-1] |= diff
+    stray = data & (top == 0)  # data of no piece (a sliver, dust in the gap) next to a piece
+    tear |= stray & ndimage.binary_dilation(top > 0, structure=_FOUR)
+    return tear

@@ -344,7 +344,7 @@ def _torn_fields(
     used: list[tuple[int, int]], affines: dict[str, Any], region: VoxelBox,
 ) -> list:
     """The torn sections' coarse fields ``S[z]`` (:mod:`tasks.torn`) and ``torn.json``."""
-    torn = torn_sections(status, [tuple(p) for p in used]) if params.defects else {}
+    torn = torn_sections(status, [tuple(p) for p in used])  # no-data tears split without a mask too
     outcomes: list = []
     if torn:
         out = _create_like(normalized, layout.sections_coarse, "field")

@@ -29,6 +29,16 @@ the pair is estimated piece by piece (:func:`emcore.coarse_pieces.coarse_align_p
 * ``detail["pieces"]`` lists the side whose mask split, and per piece its area, matrix,
   reliability, whether it fell back to the whole-section transform, and why.
 
+Empty cracks (no data in the gap, no mask marks them) split a section too: the pyramid's mean over
+the data pixels closes a thin no-data gap within a few mips, so the task also reads each section
+at :func:`tear_mip` (up to :data:`TEAR_MIPS` mips finer, never finer than :data:`TEAR_NM` nm/px nor
+more than :data:`TEAR_READ_PX` px) and, where its tissue (``image != 0``) falls into >= 2 pieces
+there, unites the section's defect mask with the tear lines of :func:`emcore.pieces.nodata_tears`
+(:func:`section_defects`; also without a ``defects`` layer). Such a pair takes the piecewise path
+(``detail["pieces"]["nodata"]`` names the sides); a section whose fine tissue is one piece (a
+margin, holes, a ragged edge) keeps its mask as it was, bit for bit. Limit: the fine mip's tissue
+is the image alone, so a tear made of a no-data gap *and* a masked band together is not seen there.
+
 Every other pair takes exactly the unsplit path. The other pieces' motion relative to the largest
 one (``detail["pieces"]``) is handed to the later stages beside the section affine, as the torn
 section's coarse field ``S[z]`` (:mod:`tasks.torn`, built by the coarse stage flow after the affine
@@ -45,6 +55,7 @@ torn motion lives beside the section affine, with no anchor on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -54,16 +65,31 @@ from emcore.coarse_pieces import PiecewiseAlignment, coarse_align_pieces
 from emcore.coarse_xcorr import coarse_align
 from emcore.errors import BlankSectionError
 from emcore.geometry import VoxelBox
-from emcore.layers import open_layer
+from emcore.layers import Layer, open_layer
+from emcore.mip_plan import FINETUNE_NM
 from emcore.models import Model, load_model
 from emcore.models.refine import LEARNED_METHODS, learned_coarse_align
-from emcore.pieces import split_pieces
+from emcore.pieces import nodata_tears, split_pieces
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
-__all__ = ["COARSE_METHODS", "coarse_pair_task", "section_box"]
+__all__ = [
+    "COARSE_METHODS", "TEAR_MIPS", "TEAR_NM", "TEAR_READ_PX", "coarse_pair_task", "section_box",
+    "defects_with_tears", "section_defects", "tear_mip", "tissue_splits",
+]  # fmt: skip
 
 COARSE_METHODS = ("classical", *LEARNED_METHODS)
+
+#: No-data tears are looked for at most this many mips below the coarse mip: a gap of ``g`` px at
+#: the coarse mip is ``8 g`` px there (measured: a 10 px no-data gap still splits 2 mips up and
+#: not 3; a 40 px one up to 4).
+TEAR_MIPS = 3
+#: ... never at a finer resolution than this (nm/px; :data:`emcore.mip_plan.FINETUNE_NM`'s floor, the
+#: finetune stage's usual finest mip): a gap open only below it is a motion within the finetuner's
+#: reach there.
+TEAR_NM = FINETUNE_NM[0]
+#: ... and never reading more than this many px per section.
+TEAR_READ_PX = 4096 * 4096
 
 
 @lru_cache(maxsize=4)
@@ -77,9 +103,66 @@ def section_box(region: VoxelBox, z: int) -> VoxelBox:
     return VoxelBox((region.start[0], region.start[1], z), (region.stop[0], region.stop[1], z + 1))
 
 
-def _splits(image: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether ``mask`` (nonzero = defect) cuts the tissue of ``image`` into >= 2 pieces."""
-    return mask is not None and bool((mask != 0).any()) and split_pieces(image, mask != 0).count >= 2
+def tear_mip(resolutions_nm: Sequence[float], mip: int, section_px: tuple[int, int]) -> int:
+    """The mip at which the coarse stage looks for no-data tears of sections at ``mip``.
+
+    The finest of ``mip - TEAR_MIPS .. mip - 1`` whose x resolution (``resolutions_nm[m]``, nm/px)
+    is at least :data:`TEAR_NM` and whose section (``section_px = (x, y)`` px at ``mip``) has at
+    most :data:`TEAR_READ_PX` px; ``mip`` itself when none is (then the coarse image is used).
+    """
+    for m in range(max(0, mip - TEAR_MIPS), mip):
+        f = 2 ** (mip - m)
+        if resolutions_nm[m] >= TEAR_NM and section_px[0] * f * section_px[1] * f <= TEAR_READ_PX:
+            return m
+    return mip
+
+
+def defects_with_tears(
+    fine: torch.Tensor, factor: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, bool]:
+    """``mask`` (``(H, W)`` at the coarse mip, or ``None``) united with the no-data tears of
+    ``fine`` (the section ``factor`` x finer, :func:`emcore.pieces.nodata_tears`).
+
+    Returns ``(mask, nodata)``: ``nodata`` = the fine tissue falls into >= 2 pieces; then ``mask`` is
+    the given one (or zeros) united with the tear lines, float32 (1 = defect); otherwise the given
+    ``mask`` unchanged (the same object).
+    """
+    tears = nodata_tears(fine, factor)
+    if tears is None:
+        return mask, False
+    lines = torch.from_numpy(tears)
+    united = lines if mask is None else (mask != 0) | lines
+    return united.to(torch.float32), True
+
+
+def section_defects(
+    layer: Layer, box: VoxelBox, mip: int, fine_mip: int, image: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, bool]:
+    """The defect mask the coarse stage uses for one section, and whether no data splits it.
+
+    Args:
+        layer: the image layer; ``box`` the section (xy voxels at ``mip``, one section).
+        fine_mip: :func:`tear_mip` (``== mip``: ``image`` itself is looked at).
+        image: ``(H, W)`` the section at ``mip``; ``mask``: its ``(H, W)`` defect mask or ``None``.
+
+    Returns:
+        :func:`defects_with_tears` of the section read at ``fine_mip``.
+    """
+    fine = image
+    if fine_mip < mip:
+        f = 2 ** (mip - fine_mip)
+        fine_box = VoxelBox((box.start[0] * f, box.start[1] * f, box.start[2]),
+                            (box.stop[0] * f, box.stop[1] * f, box.stop[2]))  # fmt: skip
+        fine = read_tensor(layer, fine_box, fine_mip)[0, 0]
+    return defects_with_tears(fine, 2 ** (mip - fine_mip), mask)
+
+
+def tissue_splits(image: torch.Tensor, mask: torch.Tensor | None, nodata: bool = False) -> bool:
+    """Whether ``mask`` (nonzero = defect) cuts the tissue of ``image`` into >= 2 pieces (a mask
+    that marks nothing counts only when no data split the section at the fine mip)."""
+    if mask is None or not (nodata or bool((mask != 0).any())):
+        return False
+    return split_pieces(image, mask != 0).count >= 2
 
 
 def _pieces_detail(result: PiecewiseAlignment) -> dict:
@@ -123,28 +206,43 @@ def coarse_pair_task(
     if method in LEARNED_METHODS:
         network = _shipped_model(LEARNED_METHODS[method])
         params["weights_sha256"] = network.config.weights_sha256  # new weights: recompute
+    img = open_layer(image)
+    fine_mip = mip
+    if network is None:
+        resolutions = [img.resolution(m)[0] for m in range(img.num_mips)]
+        fine_mip = tear_mip(resolutions, mip, (region.shape[0], region.shape[1]))
+        if fine_mip < mip:
+            params["tear_mip"] = fine_mip  # only then: the markers of other runs stay valid
     marker = ChunkMarker(output, "coarse", f"{region}@{mip}:{z}-{k}", (image, defects or ""), params)
     previous = marker.read_extra()
     if previous is not None:
         return ChunkOutcome("coarse", f"{z}-{k}", "skipped", previous)
     src_box, tgt_box = section_box(region, z), section_box(region, z - k)
-    img = open_layer(image)
     src, tgt = read_tensor(img, src_box, mip)[0, 0], read_tensor(img, tgt_box, mip)[0, 0]
     src_mask = tgt_mask = None
     if defects:
         mask_layer = open_layer(defects)
         src_mask = read_tensor(mask_layer, src_box, mip)[0, 0]
         tgt_mask = read_tensor(mask_layer, tgt_box, mip)[0, 0]
+    src_nodata = tgt_nodata = False
+    if network is None:
+        src_mask, src_nodata = section_defects(img, src_box, mip, fine_mip, src, src_mask)
+        tgt_mask, tgt_nodata = section_defects(img, tgt_box, mip, fine_mip, tgt, tgt_mask)
     detail: dict = {"z": z, "k": k, "blank": False, "reliable": False, "confidence": 0.0, "reason": ""}
     try:
-        torn = network is None and (_splits(src, src_mask) or _splits(tgt, tgt_mask))
+        torn = network is None and (
+            tissue_splits(src, src_mask, src_nodata) or tissue_splits(tgt, tgt_mask, tgt_nodata)
+        )
         if torn:
             pieces = coarse_align_pieces(src, tgt, src_mask, tgt_mask, model=model)
             field = pieces.field
             first = pieces.transforms[0]
             confidence = pieces.whole.confidence if first.fallback else max(0.0, min(1.0, first.peak))
+            summary = _pieces_detail(pieces)
+            sides = (("source", src_nodata), ("target", tgt_nodata))
+            summary["nodata"] = [side for side, hit in sides if hit]
             detail.update(
-                pieces=_pieces_detail(pieces),
+                pieces=summary,
                 translation=[float(pieces.matrix[0, 2]), float(pieces.matrix[1, 2])],
                 matrix=pieces.matrix.tolist(),
                 reliable=bool(pieces.reliable),

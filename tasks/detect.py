@@ -13,7 +13,8 @@ tissue around them are dropped), crops the context and writes the mask (uint8, 1
 ``<out>/masks/detected`` at that mip and, repeated pixel by pixel, at every finer mip down to 0
 (the defects layer has the source's geometry, and stages read it at their own mips); the coarser
 mips are max-downsampled by the stage. Only what the detector marks on tissue is a defect: an empty
-crack gap is no data already (0 in the images).
+crack gap is no data already (0 in the images), and the coarse stage splits a section along it
+itself, also where the pyramid closed it at the coarse mip (:func:`tasks.coarse.section_defects`).
 
 :func:`detection_mip` picks the mip: the finest one at or above the finetune mip whose resolution
 lies in the detector's trained range (``resolution_nm`` of its config), or ``None``. The finest,

@@ -11,7 +11,8 @@ that the anchored robust stack solve flattens (:mod:`tasks.coarse`).
 
 :func:`torn_sections` picks the sections and their matrices from the coarse stage's pair status;
 :func:`torn_section_task` reads the section and its mask at the coarse mip (the whole section, as
-the coarse stage does), rebuilds the pieces exactly as the coarse pair task did, decides the
+the coarse stage does, with the no-data tears it found, :func:`tasks.coarse.section_defects`),
+rebuilds the pieces exactly as the coarse pair task did, decides the
 stack-frame piece map there, and writes ``S[z]`` chunk by chunk at the finetune mip into
 ``<out>/fields/sections_coarse`` (:mod:`flows.layout`).
 
@@ -33,7 +34,7 @@ from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.pieces import split_pieces
 from emcore.torn_sections import piecewise_affine_field, section_piece_matrices, stack_piece_assignment
-from tasks.coarse import section_box
+from tasks.coarse import section_box, section_defects, tear_mip
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
@@ -69,7 +70,7 @@ def torn_sections(
 
 def torn_section_task(
     image: str,
-    defects: str,
+    defects: str | None,
     output: str,
     region: VoxelBox,
     z: int,
@@ -83,7 +84,9 @@ def torn_section_task(
     """Write ``S[z]`` on ``chunks`` (xy boxes at the finetune mip) of ``output``.
 
     Args:
-        image, defects: the normalized image and the defect mask layers (as the coarse stage read).
+        image, defects: the normalized image and the defect mask layer (``None``: none) as the coarse
+            stage read them; the section's no-data tears are found as it found them
+            (:func:`tasks.coarse.section_defects` at :func:`tasks.coarse.tear_mip`).
         region: the region at the coarse mip (origin of ``section_affine`` and ``piece_matrices``).
         section_affine: ``A[z]`` at the coarse mip (``affine.json``'s ``matrices_coarse``).
         piece_matrices: the pair's ``M_p`` (coarse mip), the largest piece first.
@@ -91,14 +94,22 @@ def torn_section_task(
     """
     params = {"z": z, "mips": [coarse_mip, finetune_mip], "affine": section_affine, "pieces": piece_matrices,
               "region": str(region), "fine_region": str(fine_region), "chunks": [str(c) for c in chunks]}
-    marker = ChunkMarker(output, "torn-section", f"{region}@{coarse_mip}:{z}", (image, defects), params)
+    img = open_layer(image)
+    fine_mip = tear_mip([img.resolution(m)[0] for m in range(img.num_mips)], coarse_mip,
+                        (region.shape[0], region.shape[1]))  # fmt: skip
+    if fine_mip < coarse_mip:
+        params["tear_mip"] = fine_mip
+    marker = ChunkMarker(output, "torn-section", f"{region}@{coarse_mip}:{z}", (image, defects or ""), params)
     previous = marker.read_extra()
     if previous is not None:
         return ChunkOutcome("torn", str(z), "skipped", previous)
     box = section_box(region, z)
-    src = read_tensor(open_layer(image), box, coarse_mip)[0, 0]
-    mask = read_tensor(open_layer(defects), box, coarse_mip)[0, 0] != 0
-    pieces = split_pieces(src, mask)  # the coarse pair task's split (same defaults)
+    src = read_tensor(img, box, coarse_mip)[0, 0]
+    mask = read_tensor(open_layer(defects), box, coarse_mip)[0, 0] if defects else None
+    mask, _ = section_defects(img, box, coarse_mip, fine_mip, src, mask)
+    if mask is None:
+        mask = torch.zeros_like(src)
+    pieces = split_pieces(src, mask != 0)  # the coarse pair task's split (same defaults)
     if pieces.count != len(piece_matrices):
         raise ValueError(
             f"section {z}: the defect mask splits it into {pieces.count} pieces, but its coarse pair "
