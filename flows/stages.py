@@ -279,7 +279,8 @@ def coarse_align_flow(params: AlignParams) -> dict[str, Any]:
     Writes ``<out>/fields/pairwise/z-<k>`` and ``pairs.json`` (each pair's status: blank,
     reliable, confidence, reason, matrix; and the pairs used downstream), then solves the section
     affines from the reliable pairs (:mod:`tasks.affine`) into ``<out>/fields/affine.json``; then
-    the coarse fields ``S[z]`` of the sections that their own defect mask split
+    the coarse fields ``S[z]`` of the sections that their own defect mask or an empty (no-data)
+    crack split (:func:`tasks.coarse.section_defects`)
     (``<out>/fields/sections_coarse`` and ``<out>/fields/torn.json``, :mod:`tasks.torn`).
     """
     params = with_detected_defects(absolute_params(params))  # workers may run elsewhere
