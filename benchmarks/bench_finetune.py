@@ -18,7 +18,10 @@ and compares throughput in Mpx*it/s (megapixels times iterations per second).
     .venv/bin/python -m benchmarks.bench_finetune --resample bicubic --no-reference  # bicubic sources
     .venv/bin/python -m benchmarks.bench_finetune --kinds strain,capture --no-reference  # a subset
 
-Besides the defaults, ``sectionflow finetune (no refits)`` runs the default before the last
+Besides the defaults, ``sectionflow finetune (bending soft fits)`` runs the default before the
+fourth-order smoothness energy of the last level's soft fits (issue 17, fifth pass; the fourth
+pass's default: the soft candidate and its refits with the bending energy, weight 2e2),
+``sectionflow finetune (no refits)`` the default before the last
 level's refits of its soft items (issue 17, fourth pass; the third pass's default),
 ``sectionflow finetune (no pre-filter)`` runs the default before the last
 level's pre-filter (issue 17, third pass: held-out selection 5e3 -> 5e2 on the images as they are)
@@ -52,6 +55,7 @@ from emcore.finetune.translation_start import translation_start
 from emcore.metrics import ResidualStats, field_residual
 
 OURS = "sectionflow finetune (defaults)"
+BENDING_SOFT = "sectionflow finetune (bending soft fits)"
 NO_REFITS = "sectionflow finetune (no refits)"
 UNFILTERED = "sectionflow finetune (no pre-filter)"
 FIXED = "sectionflow finetune (fixed stiffness)"
@@ -82,16 +86,26 @@ def _automatic(case: Case, **last: object) -> torch.Tensor:
     return finetune(case.src, case.tgt, init_field=start, levels=levels).field
 
 
+#: The last level's soft candidate before the fifth pass: a weight of the bending energy (order 2).
+_BENDING_SOFT = {"bending_candidates": (2e2,), "candidate_order": 2}
+
+
+def _bending_soft(case: Case) -> torch.Tensor:
+    """The default before the fourth-order energy of the soft fits (issue 17, fifth pass): the
+    fourth pass's (soft candidate and refits with the bending energy, 2e2)."""
+    return _automatic(case, **_BENDING_SOFT)
+
+
 def _no_refits(case: Case) -> torch.Tensor:
     """The default before the last level's refits (issue 17, fourth pass): the third pass's."""
-    return _automatic(case, refits=0)
+    return _automatic(case, refits=0, **_BENDING_SOFT)
 
 
 def _unfiltered(case: Case) -> torch.Tensor:
     """The default before the last level's pre-filter (issue 17, third pass): the same automatic
     schedule and translation start, the last level without ``prefilter`` or refits and with the
     soft candidate 5e2 it had then."""
-    return _automatic(case, prefilter=0.0, bending_candidates=(5e2,), refits=0)
+    return _automatic(case, prefilter=0.0, bending_candidates=(5e2,), refits=0, candidate_order=2)
 
 
 def _fixed(case: Case) -> torch.Tensor:
@@ -113,6 +127,7 @@ def _as_numpy(image: torch.Tensor) -> np.ndarray:
 def methods(include_sofima: bool, previous: bool = True) -> dict[str, Callable[[Case], torch.Tensor]]:
     out: dict[str, Callable[[Case], torch.Tensor]] = {OURS: _ours}
     if previous:
+        out[BENDING_SOFT] = _bending_soft
         out[NO_REFITS] = _no_refits
         out[UNFILTERED] = _unfiltered
         out[FIXED] = _fixed
@@ -185,21 +200,21 @@ def run(
 
     rows.sort(key=lambda r: list(all_methods).index(r.method))
     print("\n## per pair: median / p95 / max residual px, seconds")
-    print(f"{'method':<38} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7} {'% >1px':>7}")
+    print(f"{'method':<42} {'case':<24} {'median':>7} {'p95':>7} {'max':>7} {'s':>7} {'% >1px':>7}")
     for r in rows:
         res = r.residual
-        print(f"{r.method:<38} {r.case.name:<24} {res.median:7.3f} {res.p95:7.3f} {res.max:7.2f} "
+        print(f"{r.method:<42} {r.case.name:<24} {res.median:7.3f} {res.p95:7.3f} {res.max:7.2f} "
               f"{r.seconds:7.2f} {r.off_1px:7.2f}")  # fmt: skip
 
     ref_time = statistics.mean(r.seconds for r in rows if r.method == "elastix default")
     print("\n## summary: mean over pairs of the per-pair median / p95 px; time = mean s per pair; "
           "speed = elastix default's s/pair / the method's (> 1: faster)")  # fmt: skip
-    header = f"{'method':<38}" + "".join(f" {k + ' med/p95':>18}" for k in kinds)
+    header = f"{'method':<42}" + "".join(f" {k + ' med/p95':>18}" for k in kinds)
     header += f" {'s/pair':>7} {'speed vs elastix default':>25} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
     for name in all_methods:
-        line = f"{name:<38}"
+        line = f"{name:<42}"
         for kind in kinds:
             sel = [r.residual for r in rows if r.method == name and r.case.kind == kind]
             med = statistics.mean(s.median for s in sel)
@@ -282,7 +297,12 @@ def targets(rows: list[Row], kinds: tuple[str, ...], elastix_s: float) -> None:
         sof = _mean(rows, "sofima (patch 64, step 8)", "neighbour", "median")
         peer = f"sofima {sof:.3f}" if sof is not None else "sofima not run"
         show("neighbour median px", med, "<= 1.0", None if med is None else med <= 1.0, peer)
-    baselines = ((NO_REFITS, "no refits'"), (UNFILTERED, "no pre-filter's"), (FIXED, "fixed stiffness's"))
+    baselines = (
+        (BENDING_SOFT, "bending soft fits'"),
+        (NO_REFITS, "no refits'"),
+        (UNFILTERED, "no pre-filter's"),
+        (FIXED, "fixed stiffness's"),
+    )
     for baseline, label in baselines:
         for kind in kinds:
             for attr in ("median", "p95"):
@@ -322,7 +342,8 @@ def main(quick: bool | None = None) -> None:
         parser.add_argument("--kinds", default=",".join(KINDS),
                             help=f"comma-separated case kinds (default all: {','.join(KINDS)})")  # fmt: skip
         parser.add_argument("--no-previous", action="store_true",
-                            help="skip the previous defaults (no refits, no pre-filter, fixed)")  # fmt: skip
+                            help="skip the previous defaults (bending soft fits, no refits, no pre-filter, "
+                                 "fixed)")  # fmt: skip
         args = parser.parse_args()
         kinds = tuple(k for k in args.kinds.split(",") if k)
         unknown = [k for k in kinds if k not in KINDS]

@@ -18,6 +18,7 @@ from emcore.finetune import FinetuneResult, Level, finetune
 from emcore.finetune.coarse_to_fine import (
     DEFAULT_BENDING,
     DEFAULT_BENDING_CANDIDATES,
+    DEFAULT_CANDIDATE_ORDER,
     DEFAULT_GRID_LR,
     DEFAULT_GRID_SM_FACTOR,
     DEFAULT_PREFILTER,
@@ -180,6 +181,7 @@ def test_default_levels_end_on_a_control_grid_with_jitter() -> None:
         bending_candidates=DEFAULT_BENDING_CANDIDATES,
         prefilter=DEFAULT_PREFILTER,
         refits=DEFAULT_REFITS,
+        candidate_order=DEFAULT_CANDIDATE_ORDER,
     )
     assert default_levels(512, 512, 4) == [Level(3), Level(2), last]
     assert default_levels(512, 512, 4, sm=200.0)[-1].sm == pytest.approx(20.0)

@@ -20,13 +20,26 @@ value is a per-area density that does not grow with the field's size.
 ``weight`` (optional, ``(N, 1, H, W)`` in ``[0, 1]``) cuts the penalty where tissue may tear: each
 stencil term is multiplied by the product of the weights of the points it touches (0 at folds,
 cracks and no data).
+
+Higher orders (:func:`smoothness_energy`, ``order`` n = 3 or 4): the same density of the n-th
+derivatives, ``sum_k C(n, k) (d^n u_c / dx^k dy^(n-k))^2`` (forward differences; n = 2 is the
+bending energy above). Polynomial motion of degree < n costs nothing; in frequency a penalty of
+order n grows as ``|omega|^(2n)``, so at the weight that suppresses the same noise at high
+frequencies it flattens the band of a smooth strain field less (a sharper low-pass). Units as
+above: a field at mip ``k`` has its energy divided by ``4**(k (n - 1))`` (mip-0 px per mip-0
+px^n), so one weight means the same continuous penalty at every mip.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["bending_energy"]
+__all__ = ["MAX_ORDER", "bending_energy", "smoothness_energy"]
+
+#: Highest derivative order :func:`smoothness_energy` accepts.
+MAX_ORDER = 4
 
 
 def _second_differences(field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,3 +80,31 @@ def bending_energy(field: torch.Tensor, *, mip: int = 0, weight: torch.Tensor | 
         terms = [t * s for t, s in zip(terms, _stencil_weights(weight.to(field.dtype)), strict=True)]
     energy = sum(t.sum(dim=(1, 2, 3)) / (t.shape[-1] * t.shape[-2]) for t in terms)
     return energy / 4**mip
+
+
+def _differences(t: torch.Tensor, dim: int, times: int) -> torch.Tensor:
+    """``times``-fold forward difference of ``t`` along ``dim`` (the axis shrinks by ``times``)."""
+    for _ in range(times):
+        size = t.shape[dim]
+        t = t.narrow(dim, 1, size - 1) - t.narrow(dim, 0, size - 1)
+    return t
+
+
+def smoothness_energy(field: torch.Tensor, *, mip: int = 0, order: int = 2) -> torch.Tensor:
+    """``(N,)`` density of the squared ``order``-th derivatives of ``(N, 2, H, W)`` ``field`` (px at
+    ``mip``; see the module docstring), in mip-0 units. ``order`` 2 is :func:`bending_energy`
+    itself (the same computation); 3 and 4 leave quadratic / cubic motion free. A field with fewer
+    than ``order + 1`` points along an axis contributes 0 for the terms that need them."""
+    if not (isinstance(order, int) and 2 <= order <= MAX_ORDER):
+        raise ValueError(f"order must be an int in [2, {MAX_ORDER}], got {order!r}")
+    if order == 2:
+        return bending_energy(field, mip=mip)
+    if field.dim() != 4 or field.shape[1] != 2:
+        raise ValueError(f"field must be (N, 2, H, W), got {tuple(field.shape)}")
+    energy = field.new_zeros(field.shape[0])
+    for k in range(order + 1):
+        term = _differences(_differences(field, -1, k), -2, order - k).square()
+        points = term.shape[-1] * term.shape[-2]
+        if points > 0:
+            energy = energy + math.comb(order, k) * term.sum(dim=(1, 2, 3)) / points
+    return energy / 4 ** (mip * (order - 1))

@@ -57,7 +57,8 @@ def select_bending(
     variance) get the plain fit with ``level.bending`` on every pixel, exactly as without
     candidates; the others are fitted with ``level.bending`` outside the held-out blocks, then with
     each of ``level.bending_candidates`` (each fit starting from the previous one's field), and keep
-    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower). With
+    the fit with the lowest held-out MSE (a softer one only if > ``MIN_GAIN`` lower than the stiff
+    fit's; between softer ones the lower wins). With
     ``level.prefilter``, those items' fits and held-out MSEs run on both images pre-filtered
     (:mod:`emcore.finetune.prefilter`; ``raw_tgt`` is the target before the jitter, which is
     filtered and then sampled at the same ``offsets``), their weights scaled by the gradient
@@ -88,14 +89,15 @@ def select_bending(
     best = fit(src, tgt, field, masks=fit_masks, bending=level.bending * scale)
     score = heldout_mse(src, tgt, best.field, held_masks, backend=backend, sample_offsets=offsets)
     iterations, seconds, previous = best.iterations.clone(), best.seconds, best.field
-    stiff = best.field
+    stiff, stiff_score = best.field, score
     soft = torch.zeros_like(eligible)
     chosen_weight = torch.full_like(score, float(level.bending))
     again = replace(level.schedule(base), patience=CANDIDATE_PATIENCE)
+    soft_fit = partial(fit, bending_order=level.candidate_order)
     for weight in level.bending_candidates:
-        out = fit(src, tgt, previous, masks=fit_masks, bending=float(weight) * scale, schedule=again)
+        out = soft_fit(src, tgt, previous, masks=fit_masks, bending=float(weight) * scale, schedule=again)
         new = heldout_mse(src, tgt, out.field, held_masks, backend=backend, sample_offsets=offsets)
-        better = eligible & (new < score * (1.0 - MIN_GAIN))
+        better = eligible & (new < stiff_score * (1.0 - MIN_GAIN)) & (new < score)
         best = replace(
             best,
             field=torch.where(better.view(-1, 1, 1, 1), out.field, best.field),
@@ -110,7 +112,7 @@ def select_bending(
         previous = out.field
     best = replace(best, iterations=iterations, seconds=seconds)
     if level.refits and offsets is not None and bool(soft.any()):
-        refit = partial(fit, bending=chosen_weight * scale, schedule=again)
+        refit = partial(soft_fit, bending=chosen_weight * scale, schedule=again)
         best = _refit_soft(src, raw_tgt, stiff, best, soft, masks, level, refit)
     return best
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from emcore.finetune.bending import bending_energy
+from emcore.finetune.bending import MAX_ORDER, bending_energy, smoothness_energy
 from emcore.finetune.losses import LossMasks, alignment_loss, resolve_backend
 from emcore.finetune.parameters import FieldParameters
 
@@ -131,6 +131,7 @@ def adam_finetune(
     bending: float | torch.Tensor = 0.0,
     detail_mask: torch.Tensor | None = None,
     detail_mip: int | None = None,
+    bending_order: int = 2,
 ) -> LevelOutcome:
     """Run Adam on ``field`` to minimize the alignment loss of each ``(src, tgt)`` pair.
 
@@ -162,11 +163,15 @@ def adam_finetune(
             (:class:`emcore.finetune.parameters.FieldParameters`): ``(N, 1, H / 2**detail_mip, W /
             2**detail_mip)`` 0/1, 1 where the field may vary faster than the grid (near defects),
             ``detail_mip < field_mip``. Adam runs on grid and detail together.
+        bending_order: derivative order of that smoothness term (2 = the bending energy; 3 or 4:
+            :func:`emcore.finetune.bending.smoothness_energy`, ``bending`` then weighs it).
 
     Returns:
         :class:`LevelOutcome`.
     """
     start = time.perf_counter()
+    if not (isinstance(bending_order, int) and 2 <= bending_order <= MAX_ORDER):
+        raise ValueError(f"bending_order must be an int in [2, {MAX_ORDER}], got {bending_order!r}")
     s = schedule or AdamSchedule()
     if check_every is None:
         check_every = 1 if field.device.type == "cpu" else 50
@@ -217,7 +222,12 @@ def adam_finetune(
             sample_offsets=sample_offsets,
         )
         if isinstance(bending, torch.Tensor) or bending:
-            loss = loss + bending * bending_energy(parameters.grid(f), mip=field_mip)
+            grid = parameters.grid(f)
+            if bending_order == 2:
+                energy = bending_energy(grid, mip=field_mip)
+            else:
+                energy = smoothness_energy(grid, mip=field_mip, order=bending_order)
+            loss = loss + bending * energy
         (grad,) = torch.autograd.grad(loss.sum(), f)
         loss = loss.detach()
         iterations.add_(active.to(torch.int64))

@@ -20,8 +20,11 @@ Rule (cross-validation on pixels the fit never saw), per item:
    the previous one's field;
 4. an item moves to a softer fit only if that fit lowers its MSE on the held-out blocks
    (:func:`heldout_mse`; springs, L2 and bending left out) by more than a relative
-   :data:`MIN_GAIN` (measured on the benchmark cases: 3.6-3.7 % on the strain pairs, below 0.3 %
-   on smooth, large and capture pairs, where the stiff fit is the better one).
+   :data:`MIN_GAIN` below the stiff fit's (measured on the benchmark cases: 3.6-3.7 % on the
+   strain pairs, below 0.3 % on smooth, large and capture pairs, where the stiff fit is the
+   better one) and below the best softer fit's so far (any margin: the soft candidates differ
+   from each other by far less than 1 %, so a margin would freeze the first one; issue 17, fifth
+   pass).
 
 Blocks rather than single pixels: the jittered target is sampled bicubically (4 x 4 taps) and the
 source bilinearly, so a held-out pixel shares noise with its neighbours; inside an 8 px block
