@@ -215,17 +215,21 @@ def _sequential(
     return g
 
 
-def _interpolate_blank(g: list[torch.Tensor | None], blank: set[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _interpolate_blank(
+    g: list[torch.Tensor | None], blank: set[int], store: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``(Z, 2, H, W)`` from the per-section fields ``g``, blank (None) ones interpolated in z.
 
     Consumes ``g``: each entry is released once copied, so the stack is held once, not twice.
+    ``store``: the ``(Z, 2, H, W)`` tensor the entries of ``g`` are views of, if any (filled in place).
     """
     solved = [z for z, f in enumerate(g) if f is not None]
     first = g[solved[0]]
     assert first is not None
-    out = first.new_empty((len(g), *first.shape[1:]))
+    out = first.new_empty((len(g), *first.shape[1:])) if store is None else store
     for z in solved:
-        out[z : z + 1] = g[z]  # type: ignore[assignment]
+        if store is None:
+            out[z : z + 1] = g[z]  # type: ignore[assignment]
         g[z] = None
     for z in range(len(g)):
         if z in solved:
@@ -243,7 +247,16 @@ def _interpolate_blank(g: list[torch.Tensor | None], blank: set[int]) -> tuple[t
 
 
 def _inverses(active: list[_Pair]) -> dict[tuple[int, int], torch.Tensor]:
-    return {(p.z, p.k): invert(p.field, num_iter=100, tol=1e-3).inverse for p in active}
+    """Each pair's inverse field, as views of one ``(P, 2, H, W)`` block (one allocation: it is
+    the solve's largest store and goes back to the system whole when freed)."""
+    if not active:
+        return {}
+    store = torch.empty((len(active), *active[0].field.shape[1:]))
+    out = {}
+    for i, p in enumerate(active):
+        store[i : i + 1] = invert(p.field, num_iter=100, tol=1e-3).inverse
+        out[(p.z, p.k)] = store[i : i + 1]
+    return out
 
 
 def sequential_composition(
@@ -334,10 +347,12 @@ def solve_stack(
         if len(blank_set) == num_sections:
             raise ValueError("every section is blank: nothing to align")
         fixed = -1 if fixed is None else _pick_fixed(num_sections, blank_set, fixed)
+        store = torch.zeros(num_sections, 2, *size)  # one block, updated in place by the sweeps
         g: list[torch.Tensor | None] = [
-            None if z in blank_set else torch.zeros(1, 2, *size) for z in range(num_sections)
+            None if z in blank_set else store[z : z + 1] for z in range(num_sections)
         ]
     else:
+        store = None
         fixed = _pick_fixed(num_sections, blank_set, fixed)
         _check_connected(num_sections, blank_set, active, fixed)
         g = _sequential(num_sections, blank_set, active, fixed, inverses, size)
@@ -394,7 +409,7 @@ def solve_stack(
         rho = torch.ones_like(r) if robust_px is None else robust_px**2 / (robust_px**2 + r.square())
         used = (p.weight > 0).expand_as(rho)
         weight_used[(p.z, p.k)] = float((rho * used).sum() / used.sum())
-    fields, interpolated = _interpolate_blank(g, blank_set)
+    fields, interpolated = _interpolate_blank(g, blank_set, store)
     return StackSolution(
         fields=fields.to(torch.float32),
         fixed=fixed,

@@ -18,7 +18,8 @@ still gets about :data:`TASKS_PER_THREAD` of them per block (load balance: the l
 holds about 1/16 of a thread's share of the block) and at most
 :data:`MAX_CHUNKS_PER_TASK` chunks (progress steps, work redone when a worker dies mid-group:
 its finished chunks are kept by their markers). A group's memory is one chunk's: its chunks run
-in turn.
+in turn, and after each one that computed, the memory it freed goes back to the system
+(:func:`release_free_memory`), so a worker's resident size does not creep up over the run.
 
 What every chunk keeps (on the worker, in the chunk function and :func:`tasks.retry.call_with_retries`):
 its completion marker is checked before any read and written atomically after the write
@@ -47,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -253,10 +256,40 @@ def chunks_per_task(chunks: int, threads: int) -> int:
     return max(1, min(MAX_CHUNKS_PER_TASK, per_task))
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the worker's freed heap memory back to the system (``malloc_trim(0)``, ~1-20 ms).
+
+    A chunk's tensors are freed when it ends, but glibc keeps the holes they leave in its heap, so
+    without this a worker's resident size creeps up over thousands of chunks of different sizes
+    (measured: three solves of one size in a row, 290 -> 304 MiB; trimmed after each, every one
+    starts from the same 233 MiB). Dask's documentation gives the same remedy ("Memory not
+    released back to the OS").
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def run_chunk_group(fn: Callable[..., Any], group: Sequence[Mapping[str, Any]]) -> list[Any]:
     """``[fn(**kwargs) for kwargs in group]`` on a worker, each chunk with its retries
-    (:func:`tasks.retry.call_with_retries`); the first chunk that still fails stops the group."""
-    return [call_with_retries(fn, kwargs) for kwargs in group]
+    (:func:`tasks.retry.call_with_retries`); the first chunk that still fails stops the group.
+    After each chunk that computed (not one skipped by its marker) the freed memory goes back to
+    the system (:func:`release_free_memory`)."""
+    results = []
+    for kwargs in group:
+        results.append(call_with_retries(fn, kwargs))
+        if getattr(results[-1], "status", None) != "skipped":
+            release_free_memory()
+    return results
 
 
 def _run_block(block: _Block) -> list[Any]:
