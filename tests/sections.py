@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from emcore.field import warp
 from emcore.normalize import normalize, section_stats
+from emcore.synthetic import smooth_field, true_alignment_field
 
 
 def normalized_crop(vnc_sections: np.ndarray, z: int, size: int, y: int = 400, x: int = 400) -> torch.Tensor:
@@ -30,3 +32,17 @@ def noisy_neighbours(
     tgt = noisy(normalized_crop(vnc_sections, 0, size, y, x), gen)
     src = noisy(normalized_crop(vnc_sections, 1, size, y, x), gen)
     return src, tgt
+
+
+def strained_noisy_pair(
+    vnc_sections: np.ndarray, size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(src, tgt, true)``: bundled section 0 at ``(300, 300)`` warped by a locally varying strain
+    (a smooth field from an 8 x 8 lattice, 1.5 px: ~32 px features at 256 px) as the source, the
+    same crop as the target, each with :func:`noisy` noise (generator seeded 3, the source's drawn
+    first), and the true alignment field (px, 8 px border)."""
+    gen = torch.Generator().manual_seed(3)
+    clean = normalized_crop(vnc_sections, 0, size, y=300, x=300)
+    applied = smooth_field(size, size, 1.5, grid=8, seed=2)
+    src, tgt = noisy(warp(clean, applied), gen), noisy(clean, gen)
+    return src, tgt, true_alignment_field(applied, border=8)

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from emcore.field import warp
 from emcore.finetune import finetune
 from emcore.finetune.bending import MAX_ORDER
 from emcore.finetune.coarse_to_fine import (
@@ -27,9 +26,7 @@ from emcore.finetune.coarse_to_fine import (
     default_levels,
 )
 from emcore.metrics import field_residual
-from emcore.synthetic import smooth_field, true_alignment_field
-from tests.sections import noisy as _noisy
-from tests.sections import noisy_neighbours, normalized_crop
+from tests.sections import noisy_neighbours, strained_noisy_pair
 
 #: The fourth pass's soft fits: the bending energy, weight 2e2.
 BENDING_SOFT = {"candidate_order": 2, "bending_candidates": (2e2,)}
@@ -50,11 +47,7 @@ def test_default_schedule_fits_the_soft_items_with_the_fourth_order() -> None:
 
 def test_strained_noisy_pair_fits_closer_with_the_fourth_order(vnc_sections: np.ndarray) -> None:
     size = 256
-    gen = torch.Generator().manual_seed(3)
-    clean = normalized_crop(vnc_sections, 0, size, y=300, x=300)
-    applied = smooth_field(size, size, 1.5, grid=8, seed=2)  # ~32 px features: local strain
-    src, tgt = _noisy(warp(clean, applied), gen), _noisy(clean, gen)
-    true = true_alignment_field(applied, border=8)
+    src, tgt, true = strained_noisy_pair(vnc_sections, size)  # ~32 px features: local strain
     levels = default_levels(size, size, 4)
     fourth = finetune(src, tgt, levels=levels)
     bending = finetune(src, tgt, levels=_last(levels, **BENDING_SOFT))

@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from emcore.field import warp
 from emcore.finetune import finetune
 from emcore.finetune.coarse_to_fine import DEFAULT_REFITS, MAX_REFITS, Level, default_levels
 from emcore.metrics import field_residual
-from emcore.synthetic import smooth_field, true_alignment_field
-from tests.sections import noisy as _noisy
-from tests.sections import noisy_neighbours, normalized_crop
+from tests.sections import noisy_neighbours, strained_noisy_pair
 
 
 def _with_refits(levels: list[Level], refits: int) -> list[Level]:
@@ -37,11 +34,7 @@ def test_default_schedule_refits_the_soft_items() -> None:
 
 def test_strained_noisy_pair_fits_closer_with_refits(vnc_sections: np.ndarray) -> None:
     size = 256
-    gen = torch.Generator().manual_seed(3)
-    clean = normalized_crop(vnc_sections, 0, size, y=300, x=300)
-    applied = smooth_field(size, size, 1.5, grid=8, seed=2)  # ~32 px features: local strain
-    src, tgt = _noisy(warp(clean, applied), gen), _noisy(clean, gen)
-    true = true_alignment_field(applied, border=8)
+    src, tgt, true = strained_noisy_pair(vnc_sections, size)  # ~32 px features: local strain
     levels = default_levels(size, size, 4)
     refitted = finetune(src, tgt, levels=_with_refits(levels, DEFAULT_REFITS))
     single = finetune(src, tgt, levels=_with_refits(levels, 0))

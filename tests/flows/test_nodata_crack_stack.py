@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from cloudfiles import CloudFiles
 
 import flows.demo
@@ -20,7 +19,7 @@ from flows.align_stack import align_stack
 from flows.demo import prepare_demo
 from flows.layout import Layout
 from tests.flows.conftest import tiny_params
-from tests.flows.test_torn_stack import TORN, _errors, _run, _sides, _torn_deformation
+from tests.flows.test_torn_stack import TORN, _medians_beside_plain, _torn_deformation
 
 
 def _empty_crack(paths: dict[str, str]) -> None:
@@ -48,13 +47,7 @@ def test_empty_crack_without_a_mask_tears(tmp_path, dask_address, monkeypatch):
     record = json.loads(CloudFiles(Layout(params.output).fields_root).get("torn.json"))
     assert sorted(record["sections"]) == [str(TORN)], record
     assert result["coarse_align"]["torn"] == [TORN]
-    error, truth = _errors(params, paths)
-    far, near = _sides(truth)
-    _, plain_params, plain_paths = _run(tmp_path / "plain", dask_address, monkeypatch, torn=False)
-    plain, _ = _errors(plain_params, plain_paths)
-    cases = (("far", error, far), ("near", error, near),
-             ("plain_far", plain, far), ("plain_near", plain, near))  # fmt: skip
-    got = {name: float(np.median(e[m])) for name, e, m in cases}
+    got, _ = _medians_beside_plain(params, paths, tmp_path / "plain", dask_address, monkeypatch)
     print("empty crack, no mask: median misalignment vs the section below px:",
           ", ".join(f"{k} {v:.3f}" for k, v in got.items()))  # fmt: skip
     assert got["far"] <= got["plain_far"] + 1.0, got

@@ -90,21 +90,31 @@ def _run(root: Any, dask_address: str, monkeypatch: pytest.MonkeyPatch, torn: bo
     return align_stack(params, dask_address=dask_address), params, paths
 
 
-def test_torn_section_aligns_on_both_sides(tmp_path, dask_address, monkeypatch):
-    result, params, paths = _run(tmp_path / "torn", dask_address, monkeypatch, torn=True)
+def _medians_beside_plain(
+    params: Any, paths: dict[str, str], root: Any, dask_address: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, float], tuple[int, int]]:
+    """Median misalignment (px) of the far and near sides of the run of ``params`` and, under
+    ``plain_``, of an untorn run of the same stack (made under ``root``), on the same sides; and
+    the sides' sizes ``(far, near)`` px."""
     error, truth = _errors(params, paths)
     far, near = _sides(truth)
-    _, plain_params, plain_paths = _run(tmp_path / "plain", dask_address, monkeypatch, torn=False)
+    _, plain_params, plain_paths = _run(root, dask_address, monkeypatch, torn=False)
     plain, _ = _errors(plain_params, plain_paths)
     cases = (("far", error, far), ("near", error, near),
              ("plain_far", plain, far), ("plain_near", plain, near))  # fmt: skip
-    got = {name: float(np.median(e[m])) for name, e, m in cases}
+    return {name: float(np.median(e[m])) for name, e, m in cases}, (int(far.sum()), int(near.sum()))
+
+
+def test_torn_section_aligns_on_both_sides(tmp_path, dask_address, monkeypatch):
+    result, params, paths = _run(tmp_path / "torn", dask_address, monkeypatch, torn=True)
+    plain_root = tmp_path / "plain"
+    got, (far_px, near_px) = _medians_beside_plain(params, paths, plain_root, dask_address, monkeypatch)
     print(f"torn section {TORN} (slide {SLIDE / 2:.0f} px at mip 1), median misalignment vs section "
           f"{TORN - 1} px: "
           + ", ".join(f"{k} {v:.3f}" for k, v in got.items()))
     record = json.loads(CloudFiles(Layout(params.output).fields_root).get("torn.json"))
     assert sorted(record["sections"]) == [str(TORN)], record
     assert result["coarse_align"]["torn"] == [TORN]
-    assert far.sum() > 500 and near.sum() > 500
+    assert far_px > 500 and near_px > 500
     assert got["far"] <= got["plain_far"] + 1.0, got  # the slid side is aligned as if it had not slid
     assert got["near"] <= got["plain_near"] + 0.3, got
