@@ -75,7 +75,7 @@ from tasks.markers import ChunkMarker, ChunkOutcome
 
 __all__ = [
     "COARSE_METHODS", "TEAR_MIPS", "TEAR_NM", "TEAR_READ_PX", "coarse_pair_task", "section_box",
-    "defects_with_tears", "section_defects", "tear_mip", "tissue_splits",
+    "defects_with_tears", "layer_tear_mip", "section_defects", "tear_mip", "tissue_splits",
 ]  # fmt: skip
 
 COARSE_METHODS = ("classical", *LEARNED_METHODS)
@@ -115,6 +115,12 @@ def tear_mip(resolutions_nm: Sequence[float], mip: int, section_px: tuple[int, i
         if resolutions_nm[m] >= TEAR_NM and section_px[0] * f * section_px[1] * f <= TEAR_READ_PX:
             return m
     return mip
+
+
+def layer_tear_mip(layer: Layer, mip: int, region: VoxelBox) -> int:
+    """:func:`tear_mip` for sections of ``layer`` on ``region`` (xy voxels at ``mip``)."""
+    resolutions = [layer.resolution(m)[0] for m in range(layer.num_mips)]
+    return tear_mip(resolutions, mip, (region.shape[0], region.shape[1]))
 
 
 def defects_with_tears(
@@ -209,8 +215,7 @@ def coarse_pair_task(
     img = open_layer(image)
     fine_mip = mip
     if network is None:
-        resolutions = [img.resolution(m)[0] for m in range(img.num_mips)]
-        fine_mip = tear_mip(resolutions, mip, (region.shape[0], region.shape[1]))
+        fine_mip = layer_tear_mip(img, mip, region)
         if fine_mip < mip:
             params["tear_mip"] = fine_mip  # only then: the markers of other runs stay valid
     marker = ChunkMarker(output, "coarse", f"{region}@{mip}:{z}-{k}", (image, defects or ""), params)

@@ -34,7 +34,7 @@ from emcore.geometry import VoxelBox
 from emcore.layers import open_layer
 from emcore.pieces import split_pieces
 from emcore.torn_sections import piecewise_affine_field, section_piece_matrices, stack_piece_assignment
-from tasks.coarse import section_box, section_defects, tear_mip
+from tasks.coarse import layer_tear_mip, section_box, section_defects
 from tasks.io import read_tensor
 from tasks.markers import ChunkMarker, ChunkOutcome
 
@@ -86,7 +86,7 @@ def torn_section_task(
     Args:
         image, defects: the normalized image and the defect mask layer (``None``: none) as the coarse
             stage read them; the section's no-data tears are found as it found them
-            (:func:`tasks.coarse.section_defects` at :func:`tasks.coarse.tear_mip`).
+            (:func:`tasks.coarse.section_defects` at :func:`tasks.coarse.layer_tear_mip`).
         region: the region at the coarse mip (origin of ``section_affine`` and ``piece_matrices``).
         section_affine: ``A[z]`` at the coarse mip (``affine.json``'s ``matrices_coarse``).
         piece_matrices: the pair's ``M_p`` (coarse mip), the largest piece first.
@@ -95,8 +95,7 @@ def torn_section_task(
     params = {"z": z, "mips": [coarse_mip, finetune_mip], "affine": section_affine, "pieces": piece_matrices,
               "region": str(region), "fine_region": str(fine_region), "chunks": [str(c) for c in chunks]}
     img = open_layer(image)
-    fine_mip = tear_mip([img.resolution(m)[0] for m in range(img.num_mips)], coarse_mip,
-                        (region.shape[0], region.shape[1]))  # fmt: skip
+    fine_mip = layer_tear_mip(img, coarse_mip, region)
     if fine_mip < coarse_mip:
         params["tear_mip"] = fine_mip
     marker = ChunkMarker(output, "torn-section", f"{region}@{coarse_mip}:{z}", (image, defects or ""), params)
